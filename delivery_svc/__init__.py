@@ -1,0 +1,1 @@
+"""Mail flows: inbound workers now, outbound workers later."""

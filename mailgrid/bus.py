@@ -1,0 +1,98 @@
+"""The NATS JetStream bus: stream definitions, connection and publishing.
+
+Streams (DESIGN.md): INBOUND and OUTBOUND are work queues, EVENTS keeps each user's
+mailbox changes for a while, DEAD keeps what could not be done for an operator.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from mailgrid.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+INBOUND_SUBJECT = "mail.inbound"
+OUTBOUND_PREFIX = "mail.outbound"
+EVENTS_PREFIX = "mail.events"
+DEAD_PREFIX = "mail.dead"
+DAY = 24 * 3600.0
+
+
+def events_subject(user_id: str) -> str:
+    return f"{EVENTS_PREFIX}.{user_id}"
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: list[str]
+    retention: RetentionPolicy
+    max_age: float = 0.0  # seconds; 0 keeps messages until consumed or removed
+
+    def config(self, replicas: int) -> StreamConfig:
+        return StreamConfig(
+            name=self.name,
+            subjects=self.subjects,
+            retention=self.retention,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            max_age=self.max_age or None,
+            discard=DiscardPolicy.OLD,
+            # Publishers set Nats-Msg-Id; a retried publish within this window is stored once.
+            duplicate_window=120.0,
+        )
+
+
+STREAMS = (
+    StreamSpec("INBOUND", [INBOUND_SUBJECT], RetentionPolicy.WORK_QUEUE),
+    StreamSpec("OUTBOUND", [f"{OUTBOUND_PREFIX}.>"], RetentionPolicy.WORK_QUEUE),
+    StreamSpec("EVENTS", [f"{EVENTS_PREFIX}.*"], RetentionPolicy.LIMITS, max_age=7 * DAY),
+    StreamSpec("DEAD", [f"{DEAD_PREFIX}.>"], RetentionPolicy.LIMITS, max_age=30 * DAY),
+)
+
+
+async def connect(url: str, name: str) -> NATS:
+    """Connects with endless reconnects: a service outlives a NATS restart."""
+    try:
+        return await nats.connect(
+            url,
+            name=name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=5,
+            allow_reconnect=True,
+        )
+    except Exception as err:  # nats raises several unrelated types here
+        raise Unavailable(f"cannot connect to NATS at {url}: {err}") from err
+
+
+async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
+    """Creates the streams, or updates their configuration to this version's."""
+    for spec in STREAMS:
+        config = spec.config(replicas)
+        try:
+            await js.stream_info(spec.name)
+        except NotFoundError:
+            await js.add_stream(config)
+            log.info("created stream %s", spec.name)
+        else:
+            await js.update_stream(config)
+
+
+async def publish(js: JetStreamContext, subject: str, payload: bytes, msg_id: str,
+                  timeout: float = 5.0) -> int:
+    """Publishes durably (the ack means stored) and returns the stream sequence."""
+    try:
+        ack = await js.publish(subject, payload, timeout=timeout,
+                               headers={"Nats-Msg-Id": msg_id})
+    except Exception as err:  # timeouts, no responders, connection loss
+        raise Unavailable(f"could not publish to {subject}: {err}") from err
+    return int(ack.seq)

@@ -1,0 +1,122 @@
+"""Typed settings, read from MAILGRID_* environment variables.
+
+Every setting has a default that runs the whole suite on one machine; the one-line
+comment above each says what it is for. Settings are passed into constructors, never
+read from a global.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+def split_host_port(addr: str) -> tuple[str, int]:
+    """'127.0.0.1:2525' → ('127.0.0.1', 2525); '[::1]:25' → ('::1', 25)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {addr!r}")
+    return host.strip("[]"), int(port)
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MAILGRID_", extra="ignore")
+
+    # Where the embedded backends keep their files (SQLite, blobs, NATS store, secrets).
+    data_dir: Path = Path(".mailgrid")
+    # HTTP API, WebSocket and webmail listener.
+    http_addr: str = "127.0.0.1:8025"
+    # SMTP MX listener: mail from other servers to our users.
+    smtp_addr: str = "127.0.0.1:2525"
+    # SMTP submission listener (AUTH): mail from our users to anywhere.
+    submission_addr: str = "127.0.0.1:2587"
+    # Domains we accept mail for; the first one names this host when hostname is unset.
+    domains: Annotated[list[str], NoDecode] = ["example.test"]
+    # Name used in the SMTP banner and in Received headers.
+    hostname: str = ""
+    # An existing NATS server; when empty, `mailgrid up` starts one under data_dir.
+    nats_url: str = ""
+    # gRPC listener of metadata_svc; port 0 picks a free one (the launcher passes it on).
+    metadata_addr: str = "127.0.0.1:0"
+    # gRPC listener of delivery_svc.
+    delivery_addr: str = "127.0.0.1:0"
+    # gRPC listener of the gateway (health and reflection only).
+    gateway_grpc_addr: str = "127.0.0.1:0"
+    # Metadata database; sqlite:///PATH (default: data_dir/metadata.db).
+    metadata_db_url: str = ""
+    # Blob store; file:///PATH (default: data_dir/blobs).
+    blob_url: str = ""
+    # Largest message accepted over SMTP, in bytes (advertised with SIZE).
+    max_message_size: int = 25 * MiB
+    # Longest line accepted in DATA, in bytes. RFC 5321 says 1000 but asks servers to
+    # accept longer lines where they can, as Postfix does; this bounds memory instead.
+    max_line_length: int = 32 * 1024
+    # Most RCPT TO accepted in one transaction (RFC 5321 4.5.3.1.8 asks for at least 100).
+    max_recipients: int = 100
+    # More Received headers than this means a mail loop (RFC 5321 6.3).
+    max_received_headers: int = 50
+    # MIME parsing limits: deeper or larger structures are kept raw, not parsed further.
+    mime_max_depth: int = 50
+    mime_max_parts: int = 1000
+    # Inbound jobs are tried this many times before they go to the DEAD stream.
+    inbound_max_deliver: int = 8
+    # Secret that signs access tokens; generated into data_dir when empty.
+    token_secret: str = ""
+    # Lifetime of an access token, in seconds.
+    token_ttl: int = 3600
+    # Seconds an unreferenced blob is kept before it is deleted (in-flight deliveries
+    # may still be about to reference it).
+    blob_gc_grace: float = 3600.0
+    # Seconds between blob garbage-collection sweeps.
+    blob_gc_interval: float = 300.0
+    # Python logging level for every service.
+    log_level: str = "INFO"
+
+    @field_validator("domains", mode="before")
+    @classmethod
+    def _split_domains(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [d.strip().lower() for d in value.split(",") if d.strip()]
+        return value
+
+    @field_validator("domains")
+    @classmethod
+    def _need_a_domain(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one local domain is required")
+        return [d.lower() for d in value]
+
+    @property
+    def server_name(self) -> str:
+        if self.hostname:
+            return self.hostname
+        fqdn = socket.getfqdn()
+        return fqdn if "." in fqdn and not fqdn.startswith("localhost") else f"mx.{self.domains[0]}"
+
+    @property
+    def metadata_db_path(self) -> Path:
+        return _path_from_url(self.metadata_db_url, "sqlite", self.data_dir / "metadata.db")
+
+    @property
+    def blob_dir(self) -> Path:
+        return _path_from_url(self.blob_url, "file", self.data_dir / "blobs")
+
+    @property
+    def nats_dir(self) -> Path:
+        return self.data_dir / "nats"
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain.lower().rstrip(".") in self.domains
+
+def _path_from_url(url: str, scheme: str, default: Path) -> Path:
+    if not url:
+        return default
+    prefix = f"{scheme}://"
+    if not url.startswith(prefix):
+        raise ValueError(f"unsupported URL {url!r}: expected {prefix}PATH")
+    return Path(url.removeprefix(prefix))
+

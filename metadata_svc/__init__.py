@@ -1,0 +1,1 @@
+"""The mailbox store: users, folders, messages, flags, threads; raw messages in blobs."""

@@ -1,0 +1,1 @@
+"""Live event streams (see the realtime issue)."""

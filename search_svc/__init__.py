@@ -1,0 +1,1 @@
+"""Full-text search (see the search issue)."""
