@@ -64,6 +64,16 @@ class Settings(BaseSettings):
     mime_max_parts: int = 1000
     # Inbound jobs are tried this many times before they go to the DEAD stream.
     inbound_max_deliver: int = 8
+    # Largest text or HTML body kept per message, in bytes (the raw message keeps all).
+    mime_max_body_bytes: int = 1 * MiB
+    # Inbound worker tasks per delivery_svc process (each takes one job at a time).
+    inbound_workers: int = 2
+    # Seconds before a temporarily failed inbound job is retried; doubles per attempt.
+    inbound_retry_delay: float = 2.0
+    # Longest wait between retries of an inbound job, in seconds.
+    inbound_retry_max_delay: float = 300.0
+    # Seconds a worker may hold a job without acking before NATS redelivers it.
+    inbound_ack_wait: float = 60.0
     # Secret that signs access tokens; generated into data_dir when empty.
     token_secret: str = ""
     # Lifetime of an access token, in seconds.
