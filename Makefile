@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test lint typecheck protos check-protos buf-lint bench clean
+.PHONY: run test lint typecheck protos check-protos buf-lint bench readme clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 
 typecheck: $(DEV_STAMP)
-	$(BIN)/mypy mailgrid gateway metadata_svc delivery_svc search_svc realtime_svc
+	$(BIN)/mypy mailgrid gateway metadata_svc delivery_svc search_svc realtime_svc bench
 
 protos: $(DEV_STAMP)
 	$(BIN)/python scripts/gen_protos.py
@@ -43,6 +43,10 @@ check-protos: $(DEV_STAMP)
 
 buf-lint: node_modules/.bin/buf
 	node_modules/.bin/buf lint
+
+# Regenerates the settings table in README.md from mailgrid/settings.py.
+readme: $(STAMP)
+	$(BIN)/python -c 'from mailgrid.cli import update_readme; update_readme("README.md")'
 
 bench: $(DEV_STAMP)
 	$(BIN)/python -m bench

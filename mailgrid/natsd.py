@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,8 @@ class NatsServer:
     store_dir: Path
     host: str = "127.0.0.1"
     port: int = 0
+    # Run in the child before exec (the launcher uses it so nats-server dies with it).
+    preexec_fn: Callable[[], None] | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -67,6 +70,7 @@ class NatsServer:
         self.process = subprocess.Popen(
             [nats_server_binary(), "-c", str(conf)],
             stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=self.preexec_fn,
         )
         log_file.close()
         await self._wait_listening(timeout)

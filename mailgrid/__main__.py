@@ -1,0 +1,5 @@
+"""`python -m mailgrid`: the same as the `mailgrid` command."""
+
+from mailgrid.cli import main
+
+raise SystemExit(main())

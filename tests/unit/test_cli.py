@@ -1,0 +1,232 @@
+"""The `mailgrid` command line: parsing, `user add` with the suite down, the settings doc."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from mailgrid import cli
+from mailgrid.errors import InvalidArgument
+from mailgrid.launcher import (
+    Endpoints,
+    ServiceEndpoint,
+    child_env,
+    endpoints_path,
+    free_addr,
+    load_or_create_token_secret,
+    token_secret_path,
+)
+from mailgrid.settings import Settings
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A data dir the CLI reads from MAILGRID_DATA_DIR, as a user's shell would set it."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(f"MAILGRID_{name.upper()}", raising=False)
+    path = tmp_path / "data"
+    monkeypatch.setenv("MAILGRID_DATA_DIR", str(path))
+    monkeypatch.setenv("MAILGRID_DOMAINS", "example.test,example.org")
+    return path
+
+
+# parsing
+
+def test_serve_accepts_each_service_name() -> None:
+    parser = cli.build_parser()
+    for name in ("metadata", "delivery", "gateway"):
+        assert parser.parse_args(["serve", name]).service == name
+
+
+def test_serve_rejects_an_unknown_service_with_usage_error(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(["serve", "smtp"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'smtp'" in capsys.readouterr().err
+
+
+def test_user_add_parses_password_and_quota() -> None:
+    args = cli.build_parser().parse_args(
+        ["user", "add", "a@example.test", "--password", "pw", "--quota", "1000"])
+    assert (args.command, args.user_command, args.address) == ("user", "add", "a@example.test")
+    assert (args.password, args.quota) == ("pw", 1000)
+
+
+def test_user_add_without_password_reads_it_later() -> None:
+    args = cli.build_parser().parse_args(["user", "add", "a@example.test"])
+    assert args.password is None
+    assert args.quota == 0
+
+
+def test_negative_quota_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(["user", "add", "a@example.test", "--quota", "-1"])
+    assert exit_info.value.code == 2
+    assert "must be 0 (unlimited) or more" in capsys.readouterr().err
+
+
+def test_a_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args([])
+    assert exit_info.value.code == 2
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["version"]) == 0
+    assert capsys.readouterr().out == "mailgrid 0.1.0\n"
+
+
+# addresses
+
+@pytest.mark.parametrize("address", ["Alice@Example.TEST", " alice@example.test "])
+def test_addresses_are_lower_cased_and_trimmed(address: str) -> None:
+    assert cli.validate_address(address) == "alice@example.test"
+
+
+@pytest.mark.parametrize("address", [
+    "alice", "@example.test", "alice@", "a b@example.test", "<alice@example.test>",
+    "alice@example..test", "alice@.example.test", "a@b@example.test",
+    "x" * 65 + "@example.test",
+])
+def test_malformed_addresses_are_refused(address: str) -> None:
+    with pytest.raises(InvalidArgument):
+        cli.validate_address(address)
+
+
+# user add with the suite down: the store in the data dir, directly
+
+def test_user_add_twice_with_the_suite_down_fails_the_second_time(
+        data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["user", "add", "Alice@example.test", "--password", "pw-1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("created alice@example.test (id ")
+    assert f"in {data_dir}" in out
+
+    assert cli.main(["user", "add", "alice@example.test", "--password", "pw-2"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == "mailgrid: user alice@example.test already exists\n"
+    assert captured.out == ""
+
+
+def test_user_add_reads_the_password_from_stdin(
+        data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("from-stdin\n"))
+    assert cli.main(["user", "add", "bob@example.org"]) == 0
+    assert "created bob@example.org" in capsys.readouterr().out
+
+
+def test_user_add_refuses_an_empty_password(
+        data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert cli.main(["user", "add", "bob@example.org"]) == 1
+    assert capsys.readouterr().err == "mailgrid: the password is empty\n"
+
+
+def test_user_add_refuses_a_foreign_domain(
+        data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["user", "add", "eve@elsewhere.example", "--password", "pw"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mailgrid: elsewhere.example is not a local domain")
+    assert "example.test, example.org" in err
+
+
+def test_user_add_refuses_a_malformed_address_in_one_line(
+        data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["user", "add", "not-an-address", "--password", "pw"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "is not an address" in err
+
+
+def test_user_add_with_a_stale_endpoints_file_uses_the_store(
+        data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A launcher killed with SIGKILL leaves endpoints.json behind; its pid is gone.
+    stale = Endpoints(
+        launcher_pid=2**22 + 1, data_dir=str(data_dir), http_addr="127.0.0.1:1",
+        smtp_addr="127.0.0.1:1", submission_addr="127.0.0.1:1", submission_served=False,
+        nats_url="nats://127.0.0.1:1", nats_pid=0, domains=["example.test"],
+        services={"metadata": ServiceEndpoint("127.0.0.1:1", pid=2**22 + 2)})
+    stale.write(endpoints_path(data_dir))
+    assert cli.main(["user", "add", "carol@example.test", "--password", "pw"]) == 0
+    assert f"in {data_dir}" in capsys.readouterr().out
+
+
+def test_invalid_setting_is_named_in_one_line(
+        data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("MAILGRID_TOKEN_TTL", "soon")
+    assert cli.main(["version"]) == 1
+    assert capsys.readouterr().err.startswith("mailgrid: invalid setting MAILGRID_TOKEN_TTL:")
+
+
+def test_queue_without_a_running_suite_says_so(
+        data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["queue"]) == 1
+    assert capsys.readouterr().err == (
+        f"mailgrid: no suite is running on {data_dir} (start `mailgrid up`)\n")
+
+
+# launcher helpers the CLI relies on
+
+def test_endpoints_survive_a_json_round_trip(tmp_path: Path) -> None:
+    endpoints = Endpoints(
+        launcher_pid=1, data_dir=str(tmp_path), http_addr="127.0.0.1:8025",
+        smtp_addr="127.0.0.1:2525", submission_addr="127.0.0.1:2587",
+        submission_served=True, nats_url="nats://127.0.0.1:4222", nats_pid=2,
+        domains=["example.test"],
+        services={"gateway": ServiceEndpoint("127.0.0.1:5000", pid=3, restarts=1)})
+    path = endpoints_path(tmp_path)
+    endpoints.write(path)
+    assert json.loads(path.read_text())["http_url"] == "http://127.0.0.1:8025/v1"
+    assert Endpoints.from_json(path.read_text()) == endpoints
+
+
+def test_token_secret_is_created_once_and_private(tmp_path: Path) -> None:
+    first = load_or_create_token_secret(tmp_path)
+    assert load_or_create_token_secret(tmp_path) == first
+    assert len(first) >= 32
+    assert token_secret_path(tmp_path).stat().st_mode & 0o777 == 0o600
+
+
+def test_port_zero_becomes_a_fixed_port_and_others_stay() -> None:
+    assert free_addr("127.0.0.1:2525") == "127.0.0.1:2525"
+    host, _, port = free_addr("127.0.0.1:0").rpartition(":")
+    assert host == "127.0.0.1" and int(port) > 0
+
+
+def test_children_get_every_setting_in_a_form_settings_reads_back(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, domains=["example.test", "example.org"],
+                        token_secret="s" * 40, max_recipients=7)
+    env = child_env(settings)
+    assert env["MAILGRID_DOMAINS"] == "example.test,example.org"
+    assert env["MAILGRID_TOKEN_SECRET"] == "s" * 40
+    mailgrid_env = {k: v for k, v in env.items() if k.startswith("MAILGRID_")}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in mailgrid_env.items():
+            patch.setenv(key, value)
+        assert Settings() == settings
+
+
+# the README's settings table
+
+def test_readme_settings_table_matches_settings_py() -> None:
+    readme = README.read_text()
+    assert cli.README_BEGIN in readme and cli.README_END in readme
+    assert cli.splice_settings_table(readme) == readme, (
+        "README.md's settings table is out of date: run `make readme`")
+    for name in Settings.model_fields:
+        assert f"`MAILGRID_{name.upper()}`" in readme
+
+
+def test_every_setting_has_a_comment() -> None:
+    comments = cli.setting_comments()
+    assert set(comments) == set(Settings.model_fields)
+    assert all(comments.values())
