@@ -1,0 +1,210 @@
+"""BlobStore on a local filesystem: blobs/ab/cd/<sha256>, written to a temp file and renamed.
+
+A blob is never written in place: bytes go to a temp file in the same filesystem, the
+file is fsynced, renamed into place and its directory fsynced, so after a crash a key
+holds either nothing or the whole blob. All file I/O runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterable, AsyncIterator
+from pathlib import Path
+
+from mailgrid.errors import NotFound, StorageFull
+from mailgrid.grpcutil import CHUNK_SIZE
+from metadata_svc.ports import BlobRef
+
+log = logging.getLogger(__name__)
+
+_KEY = re.compile(r"[0-9a-f]{64}")
+# Failures that mean "this store cannot take bytes now": the mail system answers with a
+# temporary 452 4.3.1 (RFC 3463: insufficient system storage) and the sender retries.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                   errno.ENOTDIR}
+
+
+def is_blob_key(key: str) -> bool:
+    return bool(_KEY.fullmatch(key))
+
+
+class FileBlobStore:
+    """Content-addressed blobs under ``root`` (created on first write)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._tmp = root / "tmp"
+        # Serializes "rename into place / refresh" against "delete if stale", so the
+        # garbage collector never deletes bytes a put has just refreshed.
+        self._lock = threading.Lock()
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / key[2:4] / key
+
+    async def put(self, chunks: AsyncIterable[bytes]) -> BlobRef:
+        digest = hashlib.sha256()
+        size = 0
+        fd, tmp_name = await asyncio.to_thread(self._create_temp)
+        try:
+            async for chunk in chunks:
+                if chunk:
+                    digest.update(chunk)
+                    size += len(chunk)
+                    await asyncio.to_thread(_write_all, fd, chunk)
+            await asyncio.to_thread(_fsync, fd)
+        except BaseException:
+            await asyncio.to_thread(_discard, fd, tmp_name)
+            raise
+        key = digest.hexdigest()
+        await asyncio.to_thread(self._finish, fd, tmp_name, key)
+        return BlobRef(key, size)
+
+    async def put_bytes(self, data: bytes) -> BlobRef:
+        async def one() -> AsyncIterator[bytes]:
+            yield data
+
+        return await self.put(one())
+
+    async def open(self, key: str) -> AsyncIterator[bytes]:
+        if not is_blob_key(key):
+            raise NotFound(f"no blob {key!r}")
+        try:
+            file = await asyncio.to_thread(self.path(key).open, "rb")
+        except FileNotFoundError:
+            raise NotFound(f"no blob {key}") from None
+        try:
+            while chunk := await asyncio.to_thread(file.read, CHUNK_SIZE):
+                yield chunk
+        finally:
+            await asyncio.to_thread(file.close)
+
+    async def exists(self, key: str) -> bool:
+        return is_blob_key(key) and await asyncio.to_thread(self.path(key).is_file)
+
+    async def last_write(self, key: str) -> float:
+        if not is_blob_key(key):
+            raise NotFound(f"no blob {key!r}")
+        try:
+            stat = await asyncio.to_thread(self.path(key).stat)
+        except FileNotFoundError:
+            raise NotFound(f"no blob {key}") from None
+        return stat.st_mtime
+
+    async def delete(self, key: str, *, not_written_since: float | None = None) -> bool:
+        if not is_blob_key(key):
+            return False
+        return await asyncio.to_thread(self._delete, key, not_written_since)
+
+    # blocking helpers, run in worker threads
+
+    def _create_temp(self) -> tuple[int, str]:
+        try:
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            return tempfile.mkstemp(dir=self._tmp, prefix="put-")
+        except OSError as err:
+            raise _storage_error(err) from err
+
+    def _finish(self, fd: int, tmp_name: str, key: str) -> None:
+        dest = self.path(key)
+        try:
+            os.close(fd)
+            with self._lock:
+                if dest.exists():
+                    # Stored already: keep one copy, and tell the collector it is wanted.
+                    os.unlink(tmp_name)
+                    os.utime(dest)
+                    return
+                created = _makedirs(dest.parent)
+                os.rename(tmp_name, dest)
+            # The rename is durable only once its directory (and any new parents) is synced.
+            for directory in (dest.parent, *created):
+                _fsync_dir(directory)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+            raise _storage_error(err) from err
+
+    def _delete(self, key: str, not_written_since: float | None) -> bool:
+        dest = self.path(key)
+        with self._lock:
+            try:
+                if not_written_since is not None and dest.stat().st_mtime >= not_written_since:
+                    return False
+                dest.unlink()
+            except FileNotFoundError:
+                return False
+        _fsync_dir(dest.parent)
+        return True
+
+    def temp_files(self) -> list[Path]:
+        """Temp files of puts in progress (or left by a crash); for tests and operators."""
+        return list(self._tmp.iterdir()) if self._tmp.is_dir() else []
+
+    def remove_stale_temp_files(self, older_than: float = 24 * 3600.0) -> int:
+        """Deletes temp files a crash left behind; returns how many."""
+        cutoff = time.time() - older_than
+        removed = 0
+        for path in self.temp_files():
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+        return removed
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+    except OSError as err:
+        raise _storage_error(err) from err
+
+
+def _fsync(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        raise _storage_error(err) from err
+
+
+def _discard(fd: int, name: str) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(name)
+
+
+def _makedirs(directory: Path) -> list[Path]:
+    """Creates ``directory`` and missing parents; returns the parents of new directories."""
+    missing: list[Path] = []
+    current = directory
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    return [path.parent for path in missing]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _storage_error(err: OSError) -> Exception:
+    if err.errno in _STORAGE_ERRNOS:
+        return StorageFull(f"storage full: cannot write blob: {err.strerror}")
+    return err

@@ -1,0 +1,107 @@
+"""Publishing the event outbox to NATS: each committed change reaches mail.events.<user>.
+
+The store writes a change and its MailEvent in one transaction (the transactional outbox),
+so an event is never lost and never announces a change that did not commit. This task
+publishes the rows in commit order, with the row's event id as Nats-Msg-Id (a retried
+publish is stored once), deletes them once JetStream has acknowledged them, and retries
+with backoff while NATS is away. Rows left by a previous run are published at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from mailgrid import bus
+from mailgrid.errors import Unavailable
+from metadata_svc.ports import MetadataStore
+
+log = logging.getLogger(__name__)
+
+# How long to wait for new events before looking at the outbox again anyway.
+POLL_SECONDS = 1.0
+MAX_BACKOFF = 5.0
+
+
+class OutboxPublisher:
+    """Background task moving outbox rows to JetStream; ``start`` returns at once."""
+
+    def __init__(self, store: MetadataStore, nats_url: str, batch: int = 100,
+                 drain_timeout: float = 5.0) -> None:
+        self.store = store
+        self.nats_url = nats_url
+        self.batch = batch
+        self.drain_timeout = drain_timeout
+        self._nc: NATS | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        if not self.nats_url:
+            log.warning("no NATS configured (MAILGRID_NATS_URL is empty): mailbox events "
+                        "stay in the outbox until one is")
+            return
+        self._task = asyncio.create_task(self._run(), name="outbox-publisher")
+
+    async def stop(self) -> None:
+        """Stops the loop, then publishes what is left (bounded); the rest stays queued."""
+        self._stopping = True  # also ends the loop should a library swallow the cancel
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        nc, self._nc = self._nc, None
+        if nc is None:
+            return
+        if nc.is_connected:
+            try:
+                async with asyncio.timeout(self.drain_timeout):
+                    await self._drain(nc.jetstream())
+            except (Unavailable, TimeoutError) as err:
+                log.warning("events left in the outbox for the next start: %s", err)
+        await nc.close()
+
+    async def _run(self) -> None:
+        # Waits (reconnecting forever) until NATS answers: the store works without it.
+        self._nc = nc = await bus.connect(self.nats_url, "metadata_svc-outbox")
+        js = nc.jetstream()
+        try:
+            await bus.ensure_streams(js)
+        except Exception as err:  # the streams may be managed elsewhere; publish anyway
+            log.warning("could not ensure NATS streams: %s", err)
+        backoff = 0.1
+        while not self._stopping:
+            try:
+                published = await self._publish_batch(js)
+            except Unavailable as err:
+                log.warning("publishing events failed, retrying in %.1fs: %s", backoff, err)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            backoff = 0.1
+            if published < self.batch:
+                await self.store.wait_for_events(POLL_SECONDS)
+
+    async def _drain(self, js: JetStreamContext) -> None:
+        while await self._publish_batch(js) == self.batch:
+            pass
+
+    async def _publish_batch(self, js: JetStreamContext) -> int:
+        """Publishes the oldest rows in order, stopping at the first failure."""
+        events = await self.store.pending_events(self.batch)
+        done: list[int] = []
+        try:
+            for event in events:
+                await bus.publish(js, bus.events_subject(event.user_id), event.payload,
+                                  msg_id=event.event_id)
+                done.append(event.seq)
+        finally:
+            # Acked rows are forgotten even if a later one failed, so order is kept and
+            # nothing is published twice except across a crash (then Nats-Msg-Id dedups).
+            await self.store.remove_events(done)
+        return len(events)

@@ -1,0 +1,178 @@
+"""The gRPC servicers of metadata_svc: MetadataService and BlobService.
+
+They only translate: check the request, call the store or the blob store, build the
+reply. Errors are mailgrid.errors, turned into status codes by @rpc / @rpc_stream.
+Another user's message, raw bytes or attachment is NOT_FOUND, exactly like a missing one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from mailgrid.errors import InvalidArgument, NotFound
+from mailgrid.grpcutil import CHUNK_SIZE, rpc, rpc_stream
+from mailgrid.v1 import metadata_pb2, metadata_pb2_grpc
+from metadata_svc.ports import BlobStore, MetadataStore
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _require(value: str, name: str) -> str:
+    if not value:
+        raise InvalidArgument(f"{name} is required")
+    return value
+
+
+async def _rechunk(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Chunks of at most CHUNK_SIZE, whatever size the blob store reads."""
+    async for chunk in chunks:
+        for start in range(0, len(chunk), CHUNK_SIZE):
+            yield chunk[start:start + CHUNK_SIZE]
+
+
+class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
+    """mailgrid.v1.MetadataService over a MetadataStore and a BlobStore."""
+
+    def __init__(self, store: MetadataStore, blobs: BlobStore) -> None:
+        self.store = store
+        self.blobs = blobs
+
+    @rpc
+    async def CreateUser(self, request: metadata_pb2.CreateUserRequest,
+                         context: Context) -> metadata_pb2.CreateUserResponse:
+        user = await self.store.create_user(_require(request.address, "address"),
+                                            _require(request.password, "password"),
+                                            request.quota_bytes)
+        log.info("created user %s (%s)", user.user_id, user.address)
+        return metadata_pb2.CreateUserResponse(user=user)
+
+    @rpc
+    async def GetUser(self, request: metadata_pb2.GetUserRequest,
+                      context: Context) -> metadata_pb2.GetUserResponse:
+        key = request.WhichOneof("key")
+        if key == "user_id" and request.user_id:
+            user = await self.store.get_user(request.user_id)
+        elif key == "address" and request.address:
+            user = await self.store.get_user_by_address(request.address)
+        else:
+            raise InvalidArgument("user_id or address is required")
+        return metadata_pb2.GetUserResponse(user=user)
+
+    @rpc
+    async def Authenticate(self, request: metadata_pb2.AuthenticateRequest,
+                           context: Context) -> metadata_pb2.AuthenticateResponse:
+        user = await self.store.authenticate(request.address, request.password)
+        return metadata_pb2.AuthenticateResponse(user=user)
+
+    @rpc
+    async def ListFolders(self, request: metadata_pb2.ListFoldersRequest,
+                          context: Context) -> metadata_pb2.ListFoldersResponse:
+        folders = await self.store.list_folders(_require(request.user_id, "user_id"))
+        return metadata_pb2.ListFoldersResponse(folders=folders)
+
+    @rpc
+    async def ListMessages(self, request: metadata_pb2.ListMessagesRequest,
+                           context: Context) -> metadata_pb2.ListMessagesResponse:
+        page = await self.store.list_messages(
+            _require(request.user_id, "user_id"), _require(request.folder_id, "folder_id"),
+            page_size=request.page_size, page_token=request.page_token,
+            unread_only=request.unread_only)
+        return metadata_pb2.ListMessagesResponse(messages=page.messages,
+                                                 next_page_token=page.next_page_token)
+
+    @rpc
+    async def GetMessage(self, request: metadata_pb2.GetMessageRequest,
+                         context: Context) -> metadata_pb2.GetMessageResponse:
+        message = await self.store.get_message(_require(request.user_id, "user_id"),
+                                               request.email_id)
+        return metadata_pb2.GetMessageResponse(message=message)
+
+    @rpc_stream
+    async def GetRawMessage(self, request: metadata_pb2.GetRawMessageRequest,
+                            context: Context) -> AsyncIterator[metadata_pb2.GetRawMessageResponse]:
+        message = await self.store.get_message(_require(request.user_id, "user_id"),
+                                               request.email_id)
+        async for chunk in _rechunk(self.blobs.open(message.blob_key)):
+            yield metadata_pb2.GetRawMessageResponse(data=chunk)
+
+    @rpc_stream
+    async def GetAttachment(self, request: metadata_pb2.GetAttachmentRequest,
+                            context: Context) -> AsyncIterator[metadata_pb2.GetAttachmentResponse]:
+        message = await self.store.get_message(_require(request.user_id, "user_id"),
+                                               request.email_id)
+        found = [a for a in message.attachments if a.attachment_id == request.attachment_id]
+        if not found:
+            raise NotFound(f"no attachment {request.attachment_id!r}")
+        chunks = _rechunk(self.blobs.open(found[0].blob_key))
+        # Open the blob before answering, so a missing blob is an error, not a header.
+        first = await anext(chunks, b"")
+        yield metadata_pb2.GetAttachmentResponse(attachment=found[0], data=first)
+        async for chunk in chunks:
+            yield metadata_pb2.GetAttachmentResponse(data=chunk)
+
+    @rpc
+    async def UpdateMessage(self, request: metadata_pb2.UpdateMessageRequest,
+                            context: Context) -> metadata_pb2.UpdateMessageResponse:
+        summary = await self.store.update_message(
+            _require(request.user_id, "user_id"), request.email_id,
+            is_read=request.is_read if request.HasField("is_read") else None,
+            is_starred=request.is_starred if request.HasField("is_starred") else None,
+            folder=request.folder_id if request.HasField("folder_id") else None)
+        return metadata_pb2.UpdateMessageResponse(message=summary)
+
+    @rpc
+    async def DeleteMessage(self, request: metadata_pb2.DeleteMessageRequest,
+                            context: Context) -> metadata_pb2.DeleteMessageResponse:
+        permanent = await self.store.delete_message(
+            _require(request.user_id, "user_id"), request.email_id, request.permanent)
+        return metadata_pb2.DeleteMessageResponse(permanent=permanent)
+
+    @rpc
+    async def StoreDelivery(self, request: metadata_pb2.StoreDeliveryRequest,
+                            context: Context) -> metadata_pb2.StoreDeliveryResponse:
+        _require(request.user_id, "user_id")
+        _require(request.delivery_key, "delivery_key")
+        # A message whose bytes are not stored would be unreadable: refuse it, unless
+        # this is a repeat of a delivery stored before (its blobs may be gone since).
+        for key in (request.blob_key, *(a.blob_key for a in request.parsed.attachments)):
+            if not await self.blobs.exists(key):
+                seen = await self.store.delivered_email_id(request.user_id,
+                                                           request.delivery_key)
+                if seen is not None:
+                    return metadata_pb2.StoreDeliveryResponse(email_id=seen, created=False)
+                raise InvalidArgument(f"blob {key!r} is not in the blob store")
+        stored = await self.store.store_delivery(request)
+        if stored.created:
+            log.info("stored %s for user %s (delivery %s)", stored.email_id,
+                     request.user_id, request.delivery_key)
+        return metadata_pb2.StoreDeliveryResponse(email_id=stored.email_id,
+                                                  created=stored.created)
+
+
+class BlobServicer(metadata_pb2_grpc.BlobServiceServicer):
+    """mailgrid.v1.BlobService: content-addressed bytes in 1 MiB chunks."""
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self.blobs = blobs
+
+    @rpc
+    async def PutBlob(self, request_iterator: AsyncIterator[metadata_pb2.PutBlobRequest],
+                      context: Context) -> metadata_pb2.PutBlobResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            async for part in request_iterator:
+                yield part.data
+
+        ref = await self.blobs.put(chunks())
+        return metadata_pb2.PutBlobResponse(blob_key=ref.key, size=ref.size)
+
+    @rpc_stream
+    async def GetBlob(self, request: metadata_pb2.GetBlobRequest,
+                      context: Context) -> AsyncIterator[metadata_pb2.GetBlobResponse]:
+        async for chunk in _rechunk(self.blobs.open(_require(request.blob_key, "blob_key"))):
+            yield metadata_pb2.GetBlobResponse(data=chunk)
