@@ -54,7 +54,9 @@ def _listen(addr: str) -> socket.socket:
     """A listening TCP socket on ``addr`` (port 0 picks a free one)."""
     host, port = split_host_port(addr)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto must be IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that
+    # say TCP, and without it Nagle and delayed ACKs add 40 ms to keep-alive requests.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
