@@ -1,0 +1,1 @@
+"""Benchmarks (``make bench``): numbers for closing notes, never part of ``make test``."""

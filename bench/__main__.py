@@ -1,0 +1,44 @@
+"""``python -m bench [ingest] [listing] [--quick]``: start a private suite, measure, report."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+from pathlib import Path
+
+from bench.ingest import run_ingest
+from bench.suite import Suite
+
+PASSWORD = "bench-password-1"
+
+
+def ingest(quick: bool) -> None:
+    plan = [(4 * 1024, c, 60 if quick else 1000) for c in (1, 10, 50)]
+    plan += [(100 * 1024, c, 30 if quick else 300) for c in (1, 10, 50)]
+    with tempfile.TemporaryDirectory(prefix="mailgrid-bench-") as tmp, \
+            Suite(Path(tmp) / "data") as suite:
+        rcpt = "bench@example.test"
+        suite.mailgrid("user", "add", rcpt, "--password", PASSWORD)
+        print("SMTP ingest (new suite, one recipient; rate = until visible over HTTP)")
+        for size, concurrency, count in plan:
+            result = asyncio.run(run_ingest(suite.smtp_addr, f"http://{suite.http_addr}",
+                                            rcpt, PASSWORD, size, concurrency, count))
+            print("  " + result.row(), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("which", nargs="*", default=["ingest", "listing"])
+    parser.add_argument("--quick", action="store_true", help="small counts, a smoke run")
+    args = parser.parse_args()
+    if "ingest" in args.which:
+        ingest(args.quick)
+    if "listing" in args.which:
+        from bench.listing import listing
+
+        listing(args.quick)
+
+
+if __name__ == "__main__":
+    main()
