@@ -21,6 +21,7 @@ from typing import cast
 from pydantic import ValidationError
 
 import mailgrid
+from mailgrid import services
 from mailgrid.errors import AlreadyExists, InvalidArgument, MailgridError, Unavailable
 from mailgrid.grpcutil import call, channel, wait_healthy
 from mailgrid.launcher import Endpoints, Launcher, pid_alive, read_endpoints
@@ -30,18 +31,6 @@ from mailgrid.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
-# `mailgrid serve NAME` → the module and class of that service.
-APPS: dict[str, tuple[str, str]] = {
-    "metadata": ("metadata_svc.app", "MetadataApp"),
-    "delivery": ("delivery_svc.app", "DeliveryApp"),
-    "gateway": ("gateway.app", "GatewayApp"),
-}
-# The settings naming each service's listeners (named when one cannot be bound).
-LISTENERS: dict[str, tuple[str, ...]] = {
-    "metadata": ("metadata_addr",),
-    "delivery": ("delivery_addr",),
-    "gateway": ("http_addr", "smtp_addr", "submission_addr", "gateway_grpc_addr"),
-}
 # How long the CLI waits for a running suite's metadata_svc to answer health.
 PROBE_TIMEOUT = 3.0
 # RFC 5321 4.5.3.1: local-part at most 64 octets, a path at most 256 (so 254 for the
@@ -64,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("up", help="run the whole suite on this machine (foreground)")
 
     serve = commands.add_parser("serve", help="run one service in the foreground")
-    serve.add_argument("service", choices=sorted(APPS))
+    serve.add_argument("service", choices=sorted(services.BY_NAME))
 
     user = commands.add_parser("user", help="manage users")
     user_commands = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
@@ -123,7 +112,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def load_app(name: str) -> Callable[[Settings], Service]:
-    module_name, class_name = APPS[name]
+    spec = services.BY_NAME[name]
+    module_name, class_name = spec.module, spec.app_class
     module = importlib.import_module(module_name)
     return cast(Callable[[Settings], Service], getattr(module, class_name))
 
@@ -139,7 +129,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     except OSError as err:
         listeners = ", ".join(f"MAILGRID_{name.upper()}={getattr(settings, name)}"
-                              for name in LISTENERS[args.service])
+                              for name in services.BY_NAME[args.service].listeners)
         log.error("%s could not start: %s (listeners: %s)",
                   args.service, err.strerror or err, listeners)
         return 1

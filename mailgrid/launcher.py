@@ -30,7 +30,7 @@ from typing import IO, Any, TextIO
 
 from pydantic_settings import NoDecode
 
-from mailgrid import bus
+from mailgrid import bus, services
 from mailgrid.errors import MailgridError, Unavailable
 from mailgrid.grpcutil import wait_healthy
 from mailgrid.natsd import NatsServer, free_port
@@ -39,7 +39,7 @@ from mailgrid.settings import Settings, split_host_port
 log = logging.getLogger(__name__)
 
 # Start order; stop order is the reverse. Each name is also `mailgrid serve NAME`.
-SERVICES = ("metadata", "delivery", "gateway")
+SERVICES = tuple(spec.name for spec in services.SERVICES)
 HEALTH_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 # Restart delays double from the first to the last; a child that ran for longer than
@@ -325,24 +325,17 @@ class Launcher:
 
     def _resolve_settings(self, nats_url: str, secret: str) -> None:
         s = self.settings
+        listeners = {name: free_addr(getattr(s, name))
+                     for spec in services.SERVICES for name in spec.listeners}
         self.settings = s.model_copy(update={
-            "nats_url": nats_url,
-            "token_secret": secret,
-            "metadata_addr": free_addr(s.metadata_addr),
-            "delivery_addr": free_addr(s.delivery_addr),
-            "gateway_grpc_addr": free_addr(s.gateway_grpc_addr),
-            "http_addr": free_addr(s.http_addr),
-            "smtp_addr": free_addr(s.smtp_addr),
-            "submission_addr": free_addr(s.submission_addr),
-        })
+            "nats_url": nats_url, "token_secret": secret, **listeners})
         for child in self.children:
             child.grpc_addr = self._grpc_addr(child.name)
         self._env = child_env(self.settings)
 
     def _grpc_addr(self, name: str) -> str:
-        s = self.settings
-        return {"metadata": s.metadata_addr, "delivery": s.delivery_addr,
-                "gateway": s.gateway_grpc_addr}[name]
+        addr: str = getattr(self.settings, services.BY_NAME[name].grpc_setting)
+        return addr
 
     async def _start_all(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
