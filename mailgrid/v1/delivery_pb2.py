@@ -25,23 +25,29 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amailgrid/v1/delivery.proto\x12\x0bmailgrid.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb9\x01\n\nInboundJob\x12\x10\n\x08queue_id\x18\x01 \x01(\t\x12\x10\n\x08\x62lob_key\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x11\n\tmail_from\x18\x04 \x01(\t\x12\x0f\n\x07rcpt_to\x18\x05 \x03(\t\x12\x16\n\x0e\x63lient_address\x18\x06 \x01(\t\x12\x0c\n\x04helo\x18\x07 \x01(\t\x12/\n\x0breceived_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa1\x01\n\nDeadLetter\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\x12-\n\tfailed_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x62lob_key\x18\x07 \x01(\t\"\x16\n\x14GetQueueStatsRequest\"x\n\nQueueStats\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x10\n\x08messages\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x13\n\x0bpending_ack\x18\x04 \x01(\x04\x12\x0f\n\x07pending\x18\x05 \x01(\x04\x12\x13\n\x0bredelivered\x18\x06 \x01(\x04\"@\n\x15GetQueueStatsResponse\x12\'\n\x06queues\x18\x01 \x03(\x0b\x32\x17.mailgrid.v1.QueueStats2i\n\x0f\x44\x65liveryService\x12V\n\rGetQueueStats\x12!.mailgrid.v1.GetQueueStatsRequest\x1a\".mailgrid.v1.GetQueueStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amailgrid/v1/delivery.proto\x12\x0bmailgrid.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xce\x01\n\x14SubmitMessageRequest\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x16\n\x0esender_user_id\x18\x02 \x01(\t\x12\x11\n\tmail_from\x18\x03 \x01(\t\x12\x12\n\nrecipients\x18\x04 \x03(\t\x12\x10\n\x08\x62lob_key\x18\x05 \x01(\t\x12\x0c\n\x04size\x18\x06 \x01(\x03\x12\x15\n\rsent_blob_key\x18\x07 \x01(\t\x12\x11\n\tsent_size\x18\x08 \x01(\x03\x12\x16\n\x0e\x64raft_email_id\x18\t \x01(\t\"B\n\x15SubmitMessageResponse\x12\x15\n\rsent_email_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\"\xfb\x01\n\x0bOutboundJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08\x62lob_key\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x11\n\tmail_from\x18\x04 \x01(\t\x12\x16\n\x0esender_user_id\x18\x05 \x01(\t\x12\x0e\n\x06\x64omain\x18\x06 \x01(\t\x12\x0f\n\x07rcpt_to\x18\x07 \x03(\t\x12-\n\tqueued_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmessage_id\x18\t \x01(\t\x12\x19\n\x11previous_attempts\x18\n \x01(\r\x12\x12\n\nlast_error\x18\x0b \x01(\t\"\xb9\x01\n\nInboundJob\x12\x10\n\x08queue_id\x18\x01 \x01(\t\x12\x10\n\x08\x62lob_key\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x11\n\tmail_from\x18\x04 \x01(\t\x12\x0f\n\x07rcpt_to\x18\x05 \x03(\t\x12\x16\n\x0e\x63lient_address\x18\x06 \x01(\t\x12\x0c\n\x04helo\x18\x07 \x01(\t\x12/\n\x0breceived_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa1\x01\n\nDeadLetter\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\x12-\n\tfailed_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x62lob_key\x18\x07 \x01(\t\"\x16\n\x14GetQueueStatsRequest\"x\n\nQueueStats\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x10\n\x08messages\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x13\n\x0bpending_ack\x18\x04 \x01(\x04\x12\x0f\n\x07pending\x18\x05 \x01(\x04\x12\x13\n\x0bredelivered\x18\x06 \x01(\x04\"@\n\x15GetQueueStatsResponse\x12\'\n\x06queues\x18\x01 \x03(\x0b\x32\x17.mailgrid.v1.QueueStats2\xc1\x01\n\x0f\x44\x65liveryService\x12V\n\rGetQueueStats\x12!.mailgrid.v1.GetQueueStatsRequest\x1a\".mailgrid.v1.GetQueueStatsResponse\x12V\n\rSubmitMessage\x12!.mailgrid.v1.SubmitMessageRequest\x1a\".mailgrid.v1.SubmitMessageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mailgrid.v1.delivery_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INBOUNDJOB']._serialized_start=77
-  _globals['_INBOUNDJOB']._serialized_end=262
-  _globals['_DEADLETTER']._serialized_start=265
-  _globals['_DEADLETTER']._serialized_end=426
-  _globals['_GETQUEUESTATSREQUEST']._serialized_start=428
-  _globals['_GETQUEUESTATSREQUEST']._serialized_end=450
-  _globals['_QUEUESTATS']._serialized_start=452
-  _globals['_QUEUESTATS']._serialized_end=572
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=574
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=638
-  _globals['_DELIVERYSERVICE']._serialized_start=640
-  _globals['_DELIVERYSERVICE']._serialized_end=745
+  _globals['_SUBMITMESSAGEREQUEST']._serialized_start=77
+  _globals['_SUBMITMESSAGEREQUEST']._serialized_end=283
+  _globals['_SUBMITMESSAGERESPONSE']._serialized_start=285
+  _globals['_SUBMITMESSAGERESPONSE']._serialized_end=351
+  _globals['_OUTBOUNDJOB']._serialized_start=354
+  _globals['_OUTBOUNDJOB']._serialized_end=605
+  _globals['_INBOUNDJOB']._serialized_start=608
+  _globals['_INBOUNDJOB']._serialized_end=793
+  _globals['_DEADLETTER']._serialized_start=796
+  _globals['_DEADLETTER']._serialized_end=957
+  _globals['_GETQUEUESTATSREQUEST']._serialized_start=959
+  _globals['_GETQUEUESTATSREQUEST']._serialized_end=981
+  _globals['_QUEUESTATS']._serialized_start=983
+  _globals['_QUEUESTATS']._serialized_end=1103
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=1105
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=1169
+  _globals['_DELIVERYSERVICE']._serialized_start=1172
+  _globals['_DELIVERYSERVICE']._serialized_end=1365
 # @@protoc_insertion_point(module_scope)

@@ -20,6 +20,142 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class SubmitMessageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBMISSION_ID_FIELD_NUMBER: _builtins.int
+    SENDER_USER_ID_FIELD_NUMBER: _builtins.int
+    MAIL_FROM_FIELD_NUMBER: _builtins.int
+    RECIPIENTS_FIELD_NUMBER: _builtins.int
+    BLOB_KEY_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    SENT_BLOB_KEY_FIELD_NUMBER: _builtins.int
+    SENT_SIZE_FIELD_NUMBER: _builtins.int
+    DRAFT_EMAIL_ID_FIELD_NUMBER: _builtins.int
+    submission_id: _builtins.str
+    """Names this submission; a repeat with the same id changes nothing more."""
+    sender_user_id: _builtins.str
+    mail_from: _builtins.str
+    """Envelope sender (the user's address)."""
+    blob_key: _builtins.str
+    """The message as recipients get it (no Bcc header), already in the blob store."""
+    size: _builtins.int
+    sent_blob_key: _builtins.str
+    """The sender's copy for Sent (with the Bcc header); empty means blob_key."""
+    sent_size: _builtins.int
+    draft_email_id: _builtins.str
+    """When a draft is sent: its email id, removed from Drafts once Sent holds the message."""
+    @_builtins.property
+    def recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Envelope recipients: To, Cc and Bcc, each once."""
+
+    def __init__(
+        self,
+        *,
+        submission_id: _builtins.str = ...,
+        sender_user_id: _builtins.str = ...,
+        mail_from: _builtins.str = ...,
+        recipients: _abc.Iterable[_builtins.str] | None = ...,
+        blob_key: _builtins.str = ...,
+        size: _builtins.int = ...,
+        sent_blob_key: _builtins.str = ...,
+        sent_size: _builtins.int = ...,
+        draft_email_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_key", b"blob_key", "draft_email_id", b"draft_email_id", "mail_from", b"mail_from", "recipients", b"recipients", "sender_user_id", b"sender_user_id", "sent_blob_key", b"sent_blob_key", "sent_size", b"sent_size", "size", b"size", "submission_id", b"submission_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitMessageRequest: _TypeAlias = SubmitMessageRequest  # noqa: Y015
+
+@_typing.final
+class SubmitMessageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENT_EMAIL_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    sent_email_id: _builtins.str
+    """The message in the sender's Sent folder."""
+    message_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        sent_email_id: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message_id", b"message_id", "sent_email_id", b"sent_email_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitMessageResponse: _TypeAlias = SubmitMessageResponse  # noqa: Y015
+
+@_typing.final
+class OutboundJob(_message.Message):
+    """Payload of a message on mail.outbound.<domain>: one message for the recipients of one
+    remote domain. The raw message stays in the blob store.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    BLOB_KEY_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    MAIL_FROM_FIELD_NUMBER: _builtins.int
+    SENDER_USER_ID_FIELD_NUMBER: _builtins.int
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    RCPT_TO_FIELD_NUMBER: _builtins.int
+    QUEUED_AT_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    PREVIOUS_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Also the Nats-Msg-Id."""
+    blob_key: _builtins.str
+    size: _builtins.int
+    mail_from: _builtins.str
+    """Envelope sender; empty for the null sender (a DSN is never bounced)."""
+    sender_user_id: _builtins.str
+    """Whose Inbox gets delivery status notifications."""
+    domain: _builtins.str
+    """The recipients' domain (lower case)."""
+    message_id: _builtins.str
+    previous_attempts: _builtins.int
+    """Attempts made before this job was (re)published, and the last temporary error."""
+    last_error: _builtins.str
+    @_builtins.property
+    def rcpt_to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def queued_at(self) -> _timestamp_pb2.Timestamp:
+        """When the message was first queued; the job expires after the maximum queue lifetime."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        blob_key: _builtins.str = ...,
+        size: _builtins.int = ...,
+        mail_from: _builtins.str = ...,
+        sender_user_id: _builtins.str = ...,
+        domain: _builtins.str = ...,
+        rcpt_to: _abc.Iterable[_builtins.str] | None = ...,
+        queued_at: _timestamp_pb2.Timestamp | None = ...,
+        message_id: _builtins.str = ...,
+        previous_attempts: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["queued_at", b"queued_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_key", b"blob_key", "domain", b"domain", "job_id", b"job_id", "last_error", b"last_error", "mail_from", b"mail_from", "message_id", b"message_id", "previous_attempts", b"previous_attempts", "queued_at", b"queued_at", "rcpt_to", b"rcpt_to", "sender_user_id", b"sender_user_id", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutboundJob: _TypeAlias = OutboundJob  # noqa: Y015
+
+@_typing.final
 class InboundJob(_message.Message):
     """Payload of a message on mail.inbound: one accepted SMTP transaction."""
 

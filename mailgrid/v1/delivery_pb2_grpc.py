@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class DeliveryServiceStub:
-    """Queue operations of the delivery service.
+    """The mail flows: accepting what users send, and queue operations.
     """
 
     def __init__(self, channel):
@@ -40,14 +40,28 @@ class DeliveryServiceStub:
                 request_serializer=mailgrid_dot_v1_dot_delivery__pb2.GetQueueStatsRequest.SerializeToString,
                 response_deserializer=mailgrid_dot_v1_dot_delivery__pb2.GetQueueStatsResponse.FromString,
                 _registered_method=True)
+        self.SubmitMessage = channel.unary_unary(
+                '/mailgrid.v1.DeliveryService/SubmitMessage',
+                request_serializer=mailgrid_dot_v1_dot_delivery__pb2.SubmitMessageRequest.SerializeToString,
+                response_deserializer=mailgrid_dot_v1_dot_delivery__pb2.SubmitMessageResponse.FromString,
+                _registered_method=True)
 
 
 class DeliveryServiceServicer:
-    """Queue operations of the delivery service.
+    """The mail flows: accepting what users send, and queue operations.
     """
 
     def GetQueueStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitMessage(self, request, context):
+        """Accepts a message a user sends: files the sender's copy in Sent, queues a copy for
+        each local recipient and one OUTBOUND job per remote domain. Durable when it
+        returns. Idempotent on submission_id.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -60,6 +74,11 @@ def add_DeliveryServiceServicer_to_server(servicer, server):
                     request_deserializer=mailgrid_dot_v1_dot_delivery__pb2.GetQueueStatsRequest.FromString,
                     response_serializer=mailgrid_dot_v1_dot_delivery__pb2.GetQueueStatsResponse.SerializeToString,
             ),
+            'SubmitMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitMessage,
+                    request_deserializer=mailgrid_dot_v1_dot_delivery__pb2.SubmitMessageRequest.FromString,
+                    response_serializer=mailgrid_dot_v1_dot_delivery__pb2.SubmitMessageResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'mailgrid.v1.DeliveryService', rpc_method_handlers)
@@ -69,7 +88,7 @@ def add_DeliveryServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class DeliveryService:
-    """Queue operations of the delivery service.
+    """The mail flows: accepting what users send, and queue operations.
     """
 
     @staticmethod
@@ -89,6 +108,33 @@ class DeliveryService:
             '/mailgrid.v1.DeliveryService/GetQueueStats',
             mailgrid_dot_v1_dot_delivery__pb2.GetQueueStatsRequest.SerializeToString,
             mailgrid_dot_v1_dot_delivery__pb2.GetQueueStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailgrid.v1.DeliveryService/SubmitMessage',
+            mailgrid_dot_v1_dot_delivery__pb2.SubmitMessageRequest.SerializeToString,
+            mailgrid_dot_v1_dot_delivery__pb2.SubmitMessageResponse.FromString,
             options,
             channel_credentials,
             insecure,

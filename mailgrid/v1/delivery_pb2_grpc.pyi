@@ -27,23 +27,33 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class DeliveryServiceStub:
-    """Queue operations of the delivery service."""
+    """The mail flows: accepting what users send, and queue operations."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> DeliveryServiceAsyncStub: ...
     GetQueueStats: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.GetQueueStatsRequest, _delivery_pb2.GetQueueStatsResponse]
+    SubmitMessage: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.SubmitMessageRequest, _delivery_pb2.SubmitMessageResponse]
+    """Accepts a message a user sends: files the sender's copy in Sent, queues a copy for
+    each local recipient and one OUTBOUND job per remote domain. Durable when it
+    returns. Idempotent on submission_id.
+    """
 
 @_typing.type_check_only
 class DeliveryServiceAsyncStub(DeliveryServiceStub):
-    """Queue operations of the delivery service."""
+    """The mail flows: accepting what users send, and queue operations."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetQueueStats: _aio.UnaryUnaryMultiCallable[_delivery_pb2.GetQueueStatsRequest, _delivery_pb2.GetQueueStatsResponse]  # type: ignore[assignment]
+    SubmitMessage: _aio.UnaryUnaryMultiCallable[_delivery_pb2.SubmitMessageRequest, _delivery_pb2.SubmitMessageResponse]  # type: ignore[assignment]
+    """Accepts a message a user sends: files the sender's copy in Sent, queues a copy for
+    each local recipient and one OUTBOUND job per remote domain. Durable when it
+    returns. Idempotent on submission_id.
+    """
 
 class DeliveryServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Queue operations of the delivery service."""
+    """The mail flows: accepting what users send, and queue operations."""
 
     @_abc_1.abstractmethod
     def GetQueueStats(
@@ -51,5 +61,16 @@ class DeliveryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _delivery_pb2.GetQueueStatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_delivery_pb2.GetQueueStatsResponse, _abc.Awaitable[_delivery_pb2.GetQueueStatsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SubmitMessage(
+        self,
+        request: _delivery_pb2.SubmitMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_pb2.SubmitMessageResponse, _abc.Awaitable[_delivery_pb2.SubmitMessageResponse]]:
+        """Accepts a message a user sends: files the sender's copy in Sent, queues a copy for
+        each local recipient and one OUTBOUND job per remote domain. Durable when it
+        returns. Idempotent on submission_id.
+        """
 
 def add_DeliveryServiceServicer_to_server(servicer: DeliveryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
