@@ -38,14 +38,6 @@ class Account:
 
 
 @pytest.fixture
-async def metadata(settings: Settings, nats_url: str) -> AsyncIterator[MetadataApp]:
-    app = MetadataApp(settings.model_copy(update={"nats_url": nats_url}))
-    await app.start()
-    yield app
-    await app.stop()
-
-
-@pytest.fixture
 async def gateway(settings: Settings, nats_url: str,
                   metadata: MetadataApp) -> AsyncIterator[GatewayApp]:
     app = GatewayApp(settings.model_copy(update={

@@ -37,17 +37,8 @@ def app_settings(settings: Settings, nats_url: str) -> Settings:
 
 
 @pytest.fixture
-async def metadata(app_settings: Settings) -> AsyncIterator[MetadataApp]:
-    app = MetadataApp(app_settings)
-    await app.start()
-    yield app
-    await app.stop()
-
-
-@pytest.fixture
-async def client(metadata: MetadataApp) -> AsyncIterator[MetadataClient]:
-    async with MetadataClient(metadata.grpc_addr) as client:
-        yield client
+def client(metadata_client: MetadataClient) -> MetadataClient:
+    return metadata_client
 
 
 @pytest.fixture

@@ -31,17 +31,13 @@ MiB = 1024 * 1024
 
 
 @pytest.fixture
-async def app(settings: Settings, nats_url: str) -> AsyncIterator[MetadataApp]:
-    app = MetadataApp(settings.model_copy(update={"nats_url": nats_url}))
-    await app.start()
-    yield app
-    await app.stop()
+def app(metadata: MetadataApp) -> MetadataApp:
+    return metadata
 
 
 @pytest.fixture
-async def client(app: MetadataApp) -> AsyncIterator[MetadataClient]:
-    async with MetadataClient(app.grpc_addr) as client:
-        yield client
+def client(metadata_client: MetadataClient) -> MetadataClient:
+    return metadata_client
 
 
 @pytest.fixture

@@ -120,14 +120,6 @@ class Smtp:
 
 
 @pytest.fixture
-async def metadata(settings: Settings, nats_url: str) -> AsyncIterator[MetadataApp]:
-    app = MetadataApp(settings.model_copy(update={"nats_url": nats_url}))
-    await app.start()
-    yield app
-    await app.stop()
-
-
-@pytest.fixture
 async def users(metadata: MetadataApp) -> AsyncIterator[MetadataClient]:
     """A client of metadata_svc with bob@example.test and carol@example.org."""
     async with MetadataClient(metadata.grpc_addr) as client:
