@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, RePublish, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
 from mailgrid.errors import Unavailable
@@ -22,6 +23,10 @@ log = logging.getLogger(__name__)
 INBOUND_SUBJECT = "mail.inbound"
 OUTBOUND_PREFIX = "mail.outbound"
 EVENTS_PREFIX = "mail.events"
+# EVENTS republishes each stored event here, with its stream sequence in Nats-Sequence and
+# the previous sequence of the same subject in Nats-Last-Sequence (gap detection): what
+# realtime_svc listens to with one core subscription per user.
+LIVE_PREFIX = "mail.live"
 DEAD_PREFIX = "mail.dead"
 DAY = 24 * 3600.0
 
@@ -30,12 +35,18 @@ def events_subject(user_id: str) -> str:
     return f"{EVENTS_PREFIX}.{user_id}"
 
 
+def live_subject(user_id: str) -> str:
+    return f"{LIVE_PREFIX}.{user_id}"
+
+
 @dataclass(frozen=True)
 class StreamSpec:
     name: str
     subjects: list[str]
     retention: RetentionPolicy
     max_age: float = 0.0  # seconds; 0 keeps messages until consumed or removed
+    # (source, destination): stored messages are republished (core NATS) to destination.
+    republish: tuple[str, str] | None = None
 
     def config(self, replicas: int) -> StreamConfig:
         return StreamConfig(
@@ -48,19 +59,25 @@ class StreamSpec:
             discard=DiscardPolicy.OLD,
             # Publishers set Nats-Msg-Id; a retried publish within this window is stored once.
             duplicate_window=120.0,
+            republish=RePublish(src=self.republish[0], dest=self.republish[1])
+            if self.republish else None,
         )
 
 
 STREAMS = (
     StreamSpec("INBOUND", [INBOUND_SUBJECT], RetentionPolicy.WORK_QUEUE),
     StreamSpec("OUTBOUND", [f"{OUTBOUND_PREFIX}.>"], RetentionPolicy.WORK_QUEUE),
-    StreamSpec("EVENTS", [f"{EVENTS_PREFIX}.*"], RetentionPolicy.LIMITS, max_age=7 * DAY),
+    StreamSpec("EVENTS", [f"{EVENTS_PREFIX}.*"], RetentionPolicy.LIMITS, max_age=7 * DAY,
+               republish=(f"{EVENTS_PREFIX}.*", f"{LIVE_PREFIX}.{{{{wildcard(1)}}}}")),
     StreamSpec("DEAD", [f"{DEAD_PREFIX}.>"], RetentionPolicy.LIMITS, max_age=30 * DAY),
 )
 
 
-async def connect(url: str, name: str) -> NATS:
-    """Connects with endless reconnects: a service outlives a NATS restart."""
+async def connect(url: str, name: str, **options: Any) -> NATS:
+    """Connects with endless reconnects: a service outlives a NATS restart.
+
+    ``options`` go to nats.connect as they are (e.g. ``reconnected_cb``).
+    """
     try:
         return await nats.connect(
             url,
@@ -69,6 +86,7 @@ async def connect(url: str, name: str) -> NATS:
             reconnect_time_wait=0.5,
             connect_timeout=5,
             allow_reconnect=True,
+            **options,
         )
     except Exception as err:  # nats raises several unrelated types here
         raise Unavailable(f"cannot connect to NATS at {url}: {err}") from err
