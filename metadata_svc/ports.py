@@ -155,6 +155,12 @@ class MetadataStore(Protocol):
         unknown address and a wrong password."""
         ...
 
+    async def list_users(self, *, page_size: int = 0, page_token: str = ""
+                         ) -> tuple[list[common_pb2.User], str]:
+        """Every user, ordered by user id, with the next page token (empty on the last
+        page). page_size is 1..1000, 0 meaning 100; the token is the last user id seen."""
+        ...
+
     # reading
 
     async def list_folders(self, user_id: str) -> list[common_pb2.Folder]:

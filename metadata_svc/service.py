@@ -71,6 +71,13 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
         return metadata_pb2.AuthenticateResponse(user=user)
 
     @rpc
+    async def ListUsers(self, request: metadata_pb2.ListUsersRequest,
+                        context: Context) -> metadata_pb2.ListUsersResponse:
+        users, token = await self.store.list_users(page_size=request.page_size,
+                                                   page_token=request.page_token)
+        return metadata_pb2.ListUsersResponse(users=users, next_page_token=token)
+
+    @rpc
     async def ListFolders(self, request: metadata_pb2.ListFoldersRequest,
                           context: Context) -> metadata_pb2.ListFoldersResponse:
         folders = await self.store.list_folders(_require(request.user_id, "user_id"))

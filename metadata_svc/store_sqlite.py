@@ -120,6 +120,8 @@ CREATE TABLE IF NOT EXISTS event_outbox (
     user_id TEXT NOT NULL, payload BLOB NOT NULL);
 """
 
+DEFAULT_USER_PAGE = 100
+MAX_USER_PAGE = 1000
 _SUMMARY_NAMES = ("email_id", "from_name", "from_email", "subject", "preview", "date",
                   "is_read", "is_starred", "has_attachments", "size", "thread_id")
 _ROLE_ORDER = {role: index for index, (_, role) in enumerate(DEFAULT_FOLDERS)}
@@ -246,6 +248,21 @@ class SQLiteMetadataStore:
             return self._hasher.verify(password_hash, password)
         except (VerificationError, InvalidHashError):
             return False
+
+    async def list_users(self, *, page_size: int = 0, page_token: str = ""
+                         ) -> tuple[list[common_pb2.User], str]:
+        size = page_size or DEFAULT_USER_PAGE
+        if not 1 <= size <= MAX_USER_PAGE:
+            raise InvalidArgument(f"page_size must be 1 to {MAX_USER_PAGE}")
+
+        def read(conn: sqlite3.Connection) -> tuple[list[common_pb2.User], str]:
+            # A token-range scan of the users partition keys, as Scylla pages them.
+            rows = conn.execute("SELECT user_id FROM users WHERE user_id > ? "
+                                "ORDER BY user_id LIMIT ?", (page_token, size)).fetchall()
+            users = [_user(conn, row["user_id"]) for row in rows]
+            return users, users[-1].user_id if len(users) == size else ""
+
+        return await self._read(read)
 
     # reading
 

@@ -1,1 +1,1 @@
-"""Full-text search (see the search issue)."""
+"""Full-text search kept in step with every mailbox by the EVENTS stream (issue 4)."""

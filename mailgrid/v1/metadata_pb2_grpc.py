@@ -91,6 +91,11 @@ class MetadataServiceStub:
                 request_serializer=mailgrid_dot_v1_dot_metadata__pb2.StoreDeliveryRequest.SerializeToString,
                 response_deserializer=mailgrid_dot_v1_dot_metadata__pb2.StoreDeliveryResponse.FromString,
                 _registered_method=True)
+        self.ListUsers = channel.unary_unary(
+                '/mailgrid.v1.MetadataService/ListUsers',
+                request_serializer=mailgrid_dot_v1_dot_metadata__pb2.ListUsersRequest.SerializeToString,
+                response_deserializer=mailgrid_dot_v1_dot_metadata__pb2.ListUsersResponse.FromString,
+                _registered_method=True)
 
 
 class MetadataServiceServicer:
@@ -173,6 +178,13 @@ class MetadataServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListUsers(self, request, context):
+        """Every user, one page at a time, ordered by user id (for rebuilding derived indexes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MetadataServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -230,6 +242,11 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     servicer.StoreDelivery,
                     request_deserializer=mailgrid_dot_v1_dot_metadata__pb2.StoreDeliveryRequest.FromString,
                     response_serializer=mailgrid_dot_v1_dot_metadata__pb2.StoreDeliveryResponse.SerializeToString,
+            ),
+            'ListUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsers,
+                    request_deserializer=mailgrid_dot_v1_dot_metadata__pb2.ListUsersRequest.FromString,
+                    response_serializer=mailgrid_dot_v1_dot_metadata__pb2.ListUsersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -531,6 +548,33 @@ class MetadataService:
             '/mailgrid.v1.MetadataService/StoreDelivery',
             mailgrid_dot_v1_dot_metadata__pb2.StoreDeliveryRequest.SerializeToString,
             mailgrid_dot_v1_dot_metadata__pb2.StoreDeliveryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailgrid.v1.MetadataService/ListUsers',
+            mailgrid_dot_v1_dot_metadata__pb2.ListUsersRequest.SerializeToString,
+            mailgrid_dot_v1_dot_metadata__pb2.ListUsersResponse.FromString,
             options,
             channel_credentials,
             insecure,

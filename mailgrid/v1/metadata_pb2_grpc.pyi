@@ -55,6 +55,8 @@ class MetadataServiceStub:
     """Moves to Trash; from Trash (or with permanent set) deletes for good."""
     StoreDelivery: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.StoreDeliveryRequest, _metadata_pb2.StoreDeliveryResponse]
     """Files a delivered message into a mailbox. Idempotent on (user_id, delivery_key)."""
+    ListUsers: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.ListUsersRequest, _metadata_pb2.ListUsersResponse]
+    """Every user, one page at a time, ordered by user id (for rebuilding derived indexes)."""
 
 @_typing.type_check_only
 class MetadataServiceAsyncStub(MetadataServiceStub):
@@ -83,6 +85,8 @@ class MetadataServiceAsyncStub(MetadataServiceStub):
     """Moves to Trash; from Trash (or with permanent set) deletes for good."""
     StoreDelivery: _aio.UnaryUnaryMultiCallable[_metadata_pb2.StoreDeliveryRequest, _metadata_pb2.StoreDeliveryResponse]  # type: ignore[assignment]
     """Files a delivered message into a mailbox. Idempotent on (user_id, delivery_key)."""
+    ListUsers: _aio.UnaryUnaryMultiCallable[_metadata_pb2.ListUsersRequest, _metadata_pb2.ListUsersResponse]  # type: ignore[assignment]
+    """Every user, one page at a time, ordered by user id (for rebuilding derived indexes)."""
 
 class MetadataServiceServicer(metaclass=_abc_1.ABCMeta):
     """The mailbox store: users, folders, messages and their flags. Every call that reads or
@@ -174,6 +178,14 @@ class MetadataServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_metadata_pb2.StoreDeliveryResponse, _abc.Awaitable[_metadata_pb2.StoreDeliveryResponse]]:
         """Files a delivered message into a mailbox. Idempotent on (user_id, delivery_key)."""
+
+    @_abc_1.abstractmethod
+    def ListUsers(
+        self,
+        request: _metadata_pb2.ListUsersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metadata_pb2.ListUsersResponse, _abc.Awaitable[_metadata_pb2.ListUsersResponse]]:
+        """Every user, one page at a time, ordered by user id (for rebuilding derived indexes)."""
 
 def add_MetadataServiceServicer_to_server(servicer: MetadataServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -1,0 +1,225 @@
+"""Keeps the index in step with every mailbox: a durable JetStream consumer on EVENTS.
+
+Events are taken in stream order, in batches. For each batch the indexer turns the
+events into index operations (fetching the whole message from metadata_svc for a new
+one, for its body, addresses and attachment names), applies them together with the
+batch's last stream sequence, then acks them. A failure retries the same batch (in
+order) until it succeeds, so nothing is skipped; a crash between apply and ack replays
+events the index holds already, which changes nothing (operations are idempotent).
+
+The index, not the consumer, is the authority on what was applied: at start, if the
+consumer is ahead of the index (the index directory was lost or replaced), the consumer
+is recreated to start right after the index's sequence. Events older than the stream
+keeps (7 days) are then gone, and the log says to run `mailgrid reindex`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import nats.errors
+from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from mailgrid import bus
+from mailgrid.clients import MetadataClient
+from mailgrid.errors import MailgridError, NotFound, Unavailable
+from mailgrid.v1 import events_pb2
+from search_svc.document import indexed_message, summary_of
+from search_svc.ports import Delete, Operation, SearchIndex, UpdateSummary, Upsert
+
+log = logging.getLogger(__name__)
+
+STREAM = "EVENTS"
+DURABLE = "search-indexer"
+FETCH_TIMEOUT = 0.5
+# Messages fetched concurrently from metadata_svc while building one batch.
+FETCH_CONCURRENCY = 16
+MAX_BACKOFF = 5.0
+
+
+def consumer_config(ack_wait: float, start_after: int = 0) -> ConsumerConfig:
+    config = ConsumerConfig(
+        name=DURABLE,
+        durable_name=DURABLE,
+        filter_subject=f"{bus.EVENTS_PREFIX}.*",
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait,
+        max_deliver=-1,  # an event is never given up on: the index would miss a change
+        max_ack_pending=10_000,
+    )
+    if start_after:
+        config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+        config.opt_start_seq = start_after + 1
+    return config
+
+
+class Indexer:
+    """Applies EVENTS to a SearchIndex; ``wait_applied`` serves read-your-writes."""
+
+    def __init__(self, index: SearchIndex, js: JetStreamContext, metadata: MetadataClient,
+                 *, batch: int = 256, ack_wait: float = 60.0) -> None:
+        self.index = index
+        self.js = js
+        self.metadata = metadata
+        self.batch = batch
+        self.ack_wait = ack_wait
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self._applied = asyncio.Condition()
+        # Serializes event batches with reindexing (search_svc.reindex).
+        self.write_lock = asyncio.Lock()
+
+    async def subscribe(self) -> None:
+        applied = await self.index.applied_seq()
+        await self._ensure_consumer(applied)
+        try:
+            self._sub = await self.js.pull_subscribe_bind(consumer=DURABLE, stream=STREAM)
+        except Exception as err:  # nats raises several unrelated types here
+            raise Unavailable(f"cannot bind to consumer {DURABLE}: {err}") from err
+
+    async def _ensure_consumer(self, applied: int) -> None:
+        try:
+            info = await self.js.consumer_info(STREAM, DURABLE)
+        except NotFoundError:
+            info = None
+        try:
+            if info is not None and info.ack_floor is not None \
+                    and (info.ack_floor.stream_seq or 0) > applied:
+                log.warning("the search index is at event %d but its consumer acked up "
+                            "to %d: replaying from %d", applied, info.ack_floor.stream_seq,
+                            applied + 1)
+                await self.js.delete_consumer(STREAM, DURABLE)
+                info = None
+            if info is None:
+                await self.js.add_consumer(STREAM, consumer_config(self.ack_wait, applied))
+            stream = await self.js.stream_info(STREAM)
+        except Exception as err:
+            raise Unavailable(f"cannot set up consumer {DURABLE}: {err}") from err
+        first = stream.state.first_seq if stream.state else 0
+        if applied and first > applied + 1:
+            log.warning("events %d to %d expired before the index saw them: run "
+                        "`mailgrid reindex` to rebuild it", applied + 1, first - 1)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Fetches and applies batches until ``stop`` is set (the batch in hand finishes)."""
+        if self._sub is None:
+            await self.subscribe()
+        assert self._sub is not None
+        while not stop.is_set():
+            try:
+                msgs = await self._sub.fetch(self.batch, timeout=FETCH_TIMEOUT)
+            except nats.errors.TimeoutError:
+                continue
+            except Exception as err:  # NATS reconnecting, or closed under us
+                if stop.is_set():
+                    break
+                log.warning("fetching events failed: %s", err)
+                await _sleep_unless(stop, 1.0)
+                continue
+            await self._settle(msgs, stop)
+        with contextlib.suppress(Exception):
+            await self._sub.unsubscribe()
+
+    async def _settle(self, msgs: list[Msg], stop: asyncio.Event) -> None:
+        """Applies one batch, retrying (in order) until it is applied or we stop."""
+        backoff = 0.1
+        while True:
+            try:
+                await self.apply_batch(msgs)
+                break
+            except MailgridError as err:
+                if stop.is_set():
+                    return  # unacked: redelivered to whoever runs next
+                log.warning("indexing %d events failed, retrying in %.1fs: %s",
+                            len(msgs), backoff, err)
+                for msg in msgs:
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
+                await _sleep_unless(stop, backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+        for msg in msgs:
+            try:
+                await msg.ack()
+            except Exception as err:  # lost with the connection: replayed, harmlessly
+                log.warning("could not ack event %s: %s", _seq(msg), err)
+
+    async def apply_batch(self, msgs: list[Msg]) -> None:
+        events = [(_seq(msg), _decode(msg)) for msg in msgs]
+        semaphore = asyncio.Semaphore(FETCH_CONCURRENCY)
+
+        async def operation(event: events_pb2.MailEvent | None) -> Operation | None:
+            if event is None:
+                return None
+            async with semaphore:
+                return await self.operation(event)
+
+        ops = await asyncio.gather(*(operation(event) for _, event in events))
+        seq = max(seq for seq, _ in events)
+        async with self.write_lock:
+            await self.index.apply([op for op in ops if op is not None], seq)
+        async with self._applied:
+            self._applied.notify_all()
+
+    async def operation(self, event: events_pb2.MailEvent) -> Operation | None:
+        """The index operation an event calls for."""
+        kind = event.WhichOneof("kind")
+        user_id = event.user_id
+        if kind == "message_updated":
+            return UpdateSummary(user_id, event.message_updated.message)
+        if kind == "message_added":
+            return await self._refresh(user_id, event.message_added.message.email_id)
+        if kind == "message_deleted":
+            deleted = event.message_deleted
+            if deleted.permanent:
+                return Delete(user_id, deleted.email_id)
+            return await self._refresh(user_id, deleted.email_id)  # now in Trash
+        return None
+
+    async def _refresh(self, user_id: str, email_id: str) -> Operation:
+        """The message as metadata_svc holds it now (later events bring later changes);
+        a message gone since is deleted."""
+        try:
+            message = await self.metadata.get_message(user_id, email_id)
+        except NotFound:
+            return Delete(user_id, email_id)
+        return Upsert(indexed_message(user_id, message, summary_of(message)))
+
+    async def wait_applied(self, seq: int, timeout: float) -> int:
+        """Waits until the index has applied ``seq`` (or ``timeout`` passes); returns
+        the sequence applied."""
+        async with self._applied:
+            try:
+                async with asyncio.timeout(timeout):
+                    while await self.index.applied_seq() < seq:
+                        await self._applied.wait()
+            except TimeoutError:
+                pass
+        return await self.index.applied_seq()
+
+
+def _decode(msg: Msg) -> events_pb2.MailEvent | None:
+    try:
+        event = events_pb2.MailEvent.FromString(msg.data)
+    except (DecodeError, ValueError) as err:
+        log.error("event %s is not a MailEvent, skipped: %s", _seq(msg), err)
+        return None
+    if not event.user_id:
+        log.error("event %s names no user, skipped", _seq(msg))
+        return None
+    return event
+
+
+def _seq(msg: Msg) -> int:
+    return int(msg.metadata.sequence.stream)
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
