@@ -8,8 +8,10 @@ import logging
 
 from nats.aio.client import Client as NATS
 
+from delivery_svc import outbound
 from delivery_svc.inbound import InboundWorker, ensure_consumer
 from delivery_svc.service import DeliveryServicer
+from delivery_svc.submit import Submitter
 from mailgrid import bus
 from mailgrid.clients import MetadataClient
 from mailgrid.errors import InvalidArgument
@@ -54,9 +56,11 @@ class DeliveryApp:
         for worker in workers:
             await worker.subscribe()
         self._tasks = [asyncio.create_task(w.run(self._stop), name=w.name) for w in workers]
+        self._tasks += await outbound.start_workers(settings, js, self._metadata, self._stop)
         server = GrpcServer(settings.delivery_addr)
         server.add(delivery_pb2_grpc.add_DeliveryServiceServicer_to_server,
-                   DeliveryServicer(js), DELIVERY_SERVICE)
+                   DeliveryServicer(js, Submitter(settings, js, self._metadata)),
+                   DELIVERY_SERVICE)
         self._server = server
         self.grpc_addr = await server.start()
         log.info("delivery_svc serving on %s with %d inbound workers (metadata %s)",

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 from dataclasses import dataclass, field
 
@@ -39,7 +38,8 @@ from mailgrid.errors import (
     StorageFull,
     Unavailable,
 )
-from mailgrid.mime import ParsedEmail, iter_attachments, parse_message
+from mailgrid.filing import parse_raw, store_attachments
+from mailgrid.mime import ParsedEmail
 from mailgrid.settings import Settings
 from mailgrid.v1 import delivery_pb2, metadata_pb2
 
@@ -225,12 +225,9 @@ class InboundWorker:
             raw = await self.metadata.get_blob(job.blob_key)
         except NotFound as err:
             raise JobFailed(f"raw message {job.blob_key} is not in the blob store") from err
-        settings = self.settings
-        parsed = await asyncio.to_thread(
-            parse_message, raw, max_depth=settings.mime_max_depth,
-            max_parts=settings.mime_max_parts, max_body_bytes=settings.mime_max_body_bytes)
+        parsed = await parse_raw(self.settings, raw)
         del raw
-        await self._store_attachments(parsed)
+        await store_attachments(self.metadata, parsed)
         report = Report()
         seen_users: set[str] = set()
         for rcpt in job.rcpt_to:
@@ -264,15 +261,6 @@ class InboundWorker:
         log.debug("%s: %s → %s email %s (new: %s)", self.name, job.queue_id, rcpt,
                   reply.email_id, reply.created)
         return user.user_id
-
-    async def _store_attachments(self, parsed: ParsedEmail) -> None:
-        """Puts each attachment's bytes in the blob store and records its content address."""
-        keys: dict[bytes, str] = {}
-        for att, data in iter_attachments(parsed):
-            digest = hashlib.sha256(data).digest()
-            if digest not in keys:
-                keys[digest] = (await self.metadata.put_blob(data)).blob_key
-            att.blob_key = keys[digest]
 
     # settling
 

@@ -8,6 +8,8 @@ import grpc
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from delivery_svc.queue_ops import QueueOpsServicer
+from delivery_svc.submit import Submitter
 from mailgrid import bus
 from mailgrid.errors import Unavailable
 from mailgrid.grpcutil import rpc
@@ -16,9 +18,17 @@ from mailgrid.v1 import delivery_pb2, delivery_pb2_grpc
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
-    def __init__(self, js: JetStreamContext) -> None:
+class DeliveryServicer(QueueOpsServicer, delivery_pb2_grpc.DeliveryServiceServicer):
+    def __init__(self, js: JetStreamContext, submitter: Submitter | None = None) -> None:
         self.js = js
+        self.submitter = submitter
+
+    @rpc
+    async def SubmitMessage(self, request: delivery_pb2.SubmitMessageRequest,
+                            context: Context) -> delivery_pb2.SubmitMessageResponse:
+        if self.submitter is None:
+            raise Unavailable("this delivery_svc does not accept submissions")
+        return await self.submitter.submit(request)
 
     @rpc
     async def GetQueueStats(self, request: delivery_pb2.GetQueueStatsRequest,

@@ -9,6 +9,7 @@ is 400), unknown routes and methods, oversized bodies (413), and anything unexpe
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -133,17 +134,23 @@ class GuardMiddleware:
     problem, and the connection survives.
     """
 
-    def __init__(self, app: ASGIApp, max_body: int) -> None:
+    def __init__(self, app: ASGIApp, max_body: int,
+                 route_limit: Callable[[str, str], int | None] | None = None) -> None:
         self.app = app
         self.max_body = max_body
+        # (method, path) → a larger limit for routes that take whole messages.
+        self.route_limit = route_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.max_body
+        if self.route_limit is not None:
+            limit = self.route_limit(scope.get("method", ""), scope.get("path", "")) or limit
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_body:
-            await self._send_problem(send, _too_large(self.max_body))
+        if declared is not None and declared > limit:
+            await self._send_problem(send, _too_large(limit))
             return
         started = False
         received = 0
@@ -153,8 +160,8 @@ class GuardMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise _BodyTooLarge(self.max_body)
+                if received > limit:
+                    raise _BodyTooLarge(limit)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -167,7 +174,7 @@ class GuardMiddleware:
             await self.app(scope, guarded_receive, tracking_send)
         except _BodyTooLarge:
             if not started:
-                await self._send_problem(send, _too_large(self.max_body))
+                await self._send_problem(send, _too_large(limit))
         except Exception:
             log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
             if not started:

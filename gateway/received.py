@@ -70,9 +70,13 @@ def received_header(*, helo: str, rdns: str, ip: str, server_name: str, protocol
     return ("\r\n".join(lines) + "\r\n").encode("ascii")
 
 
-def with_protocol(*, extended: bool, tls: bool, smtputf8: bool) -> str:
-    """The WITH keyword for a transaction (RFC 3848; UTF8 variants from RFC 6531)."""
+def with_protocol(*, extended: bool, tls: bool, smtputf8: bool,
+                  authenticated: bool = False) -> str:
+    """The WITH keyword for a transaction (RFC 3848; UTF8 variants from RFC 6531).
+
+    "S" marks TLS and "A" an authenticated client (AUTH, as on the submission port).
+    """
     if not extended:
         return "SMTP"
     base = "UTF8SMTP" if smtputf8 else "ESMTP"
-    return base + ("S" if tls else "")
+    return base + ("S" if tls else "") + ("A" if authenticated else "")

@@ -16,7 +16,7 @@ import re
 import socket
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import AnyStr
+from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from nats.aio.client import Client as NATS
@@ -115,7 +115,7 @@ class MxSMTP(SMTP):
 
     def __init__(self, handler: MxHandler, settings: Settings,
                  loop: asyncio.AbstractEventLoop, sessions: set[MxSMTP],
-                 on_data_done: Callable[[], None]) -> None:
+                 on_data_done: Callable[[], None], **options: Any) -> None:
         # Read by SMTP.__init__ as the StreamReader limit: a line may be this long.
         self.line_length_limit = settings.max_line_length
         super().__init__(
@@ -127,6 +127,7 @@ class MxSMTP(SMTP):
             ident=IDENT,
             timeout=SESSION_TIMEOUT,
             loop=loop,
+            **options,  # e.g. TLS and AUTH for the submission listener
         )
         self._sessions = sessions
         self._on_data_done = on_data_done
@@ -320,7 +321,8 @@ class MxHandler:
             server_name=self.settings.server_name,
             protocol=received.with_protocol(extended=session.extended_smtp,
                                             tls=session.ssl is not None,
-                                            smtputf8=envelope.smtp_utf8),
+                                            smtputf8=envelope.smtp_utf8,
+                                            authenticated=session.authenticated is True),
             queue_id=queue_id,
             rcpt_to=envelope.rcpt_tos,
         )
@@ -376,27 +378,34 @@ async def _reverse_dns(session: Session, ip: str) -> str:
 
 
 class MxListener:
-    """Serves MxSMTP on the service's own event loop; ``stop`` lets DATA finish first."""
+    """Serves MxSMTP on the service's own event loop; ``stop`` lets DATA finish first.
+
+    Subclasses serve another protocol class on another address (gateway.submission).
+    """
+
+    label = "SMTP MX"
 
     def __init__(self, settings: Settings, metadata: MetadataClient, nc: NATS) -> None:
         self.settings = settings
-        self.handler = MxHandler(settings, metadata, nc)
+        self.addr = settings.smtp_addr
+        self.handler: MxHandler = MxHandler(settings, metadata, nc)
         self.sessions: set[MxSMTP] = set()
         self._server: asyncio.Server | None = None
         self._data_done = asyncio.Event()
         self.bound_addr = ""
 
+    def protocol(self, loop: asyncio.AbstractEventLoop) -> MxSMTP:
+        """One connection's protocol instance."""
+        return MxSMTP(self.handler, self.settings, loop, self.sessions, self._data_done.set)
+
     async def start(self) -> str:
-        host, port = split_host_port(self.settings.smtp_addr)
+        host, port = split_host_port(self.addr)
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: MxSMTP(self.handler, self.settings, loop, self.sessions,
-                           self._data_done.set),
-            host, port)
+        self._server = await loop.create_server(lambda: self.protocol(loop), host, port)
         sockname = self._server.sockets[0].getsockname()
         bound_host = f"[{host}]" if ":" in host else host
         self.bound_addr = f"{bound_host}:{sockname[1]}"
-        log.info("SMTP MX listening on %s", self.bound_addr)
+        log.info("%s listening on %s", self.label, self.bound_addr)
         return self.bound_addr
 
     async def stop(self, grace: float = 10.0) -> None:

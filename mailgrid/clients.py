@@ -10,7 +10,13 @@ from collections.abc import AsyncIterator, Iterable
 import grpc
 
 from mailgrid.grpcutil import CHUNK_SIZE, call, channel, stream
-from mailgrid.v1 import common_pb2, metadata_pb2, metadata_pb2_grpc
+from mailgrid.v1 import (
+    common_pb2,
+    delivery_pb2,
+    delivery_pb2_grpc,
+    metadata_pb2,
+    metadata_pb2_grpc,
+)
 
 
 class MetadataClient:
@@ -50,6 +56,12 @@ class MetadataClient:
         req = metadata_pb2.AuthenticateRequest(address=address, password=password)
         reply = await call(self._meta.Authenticate(req, timeout=self.timeout))
         return reply.user
+
+    async def list_users(self, *, page_size: int = 0, page_token: str = ""
+                         ) -> metadata_pb2.ListUsersResponse:
+        """One page of every user, ordered by user id."""
+        req = metadata_pb2.ListUsersRequest(page_size=page_size, page_token=page_token)
+        return await call(self._meta.ListUsers(req, timeout=self.timeout))
 
     # reading
 
@@ -135,6 +147,35 @@ class MetadataClient:
         parts = [part.data async for part in
                  stream(self._blobs.GetBlob(req, timeout=self.timeout * 6))]
         return b"".join(parts)
+
+
+class DeliveryClient:
+    """DeliveryService of delivery_svc."""
+
+    def __init__(self, target: str, timeout: float = 60.0) -> None:
+        self._channel: grpc.aio.Channel = channel(target)
+        self._stub = delivery_pb2_grpc.DeliveryServiceStub(self._channel)
+        # Generous: a submission reads, parses and files the whole message before it answers.
+        self.timeout = timeout
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> DeliveryClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def submit_message(self, req: delivery_pb2.SubmitMessageRequest
+                             ) -> delivery_pb2.SubmitMessageResponse:
+        """Durable when it returns; repeating it with the same submission_id is harmless."""
+        return await call(self._stub.SubmitMessage(req, timeout=self.timeout))
+
+    async def queue_stats(self) -> list[delivery_pb2.QueueStats]:
+        reply = await call(self._stub.GetQueueStats(delivery_pb2.GetQueueStatsRequest(),
+                                                    timeout=self.timeout))
+        return list(reply.queues)
 
 
 def _chunks(data: bytes | bytearray | memoryview) -> Iterable[bytes]:

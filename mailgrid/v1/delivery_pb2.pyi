@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +19,35 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _JobState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_STATE_UNSPECIFIED: _JobState.ValueType  # 0
+    JOB_STATE_QUEUED: _JobState.ValueType  # 1
+    """Waiting for its first delivery to a worker."""
+    JOB_STATE_ACTIVE: _JobState.ValueType  # 2
+    """In a worker's hands, or due for its next attempt."""
+    JOB_STATE_DEFERRED: _JobState.ValueType  # 3
+    """A temporary failure: waiting for next_attempt."""
+    JOB_STATE_DEAD: _JobState.ValueType  # 4
+    """Given up (permanent failure or expiry); kept in the DEAD stream."""
+
+class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper): ...
+
+JOB_STATE_UNSPECIFIED: JobState.ValueType  # 0
+JOB_STATE_QUEUED: JobState.ValueType  # 1
+"""Waiting for its first delivery to a worker."""
+JOB_STATE_ACTIVE: JobState.ValueType  # 2
+"""In a worker's hands, or due for its next attempt."""
+JOB_STATE_DEFERRED: JobState.ValueType  # 3
+"""A temporary failure: waiting for next_attempt."""
+JOB_STATE_DEAD: JobState.ValueType  # 4
+"""Given up (permanent failure or expiry); kept in the DEAD stream."""
+Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
 @_typing.final
 class SubmitMessageRequest(_message.Message):
@@ -112,6 +142,7 @@ class OutboundJob(_message.Message):
     MESSAGE_ID_FIELD_NUMBER: _builtins.int
     PREVIOUS_ATTEMPTS_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Also the Nats-Msg-Id."""
     blob_key: _builtins.str
@@ -132,6 +163,10 @@ class OutboundJob(_message.Message):
     def queued_at(self) -> _timestamp_pb2.Timestamp:
         """When the message was first queued; the job expires after the maximum queue lifetime."""
 
+    @_builtins.property
+    def not_before(self) -> _timestamp_pb2.Timestamp:
+        """Not to be tried before this time (a job re-published for its deferred recipients)."""
+
     def __init__(
         self,
         *,
@@ -146,10 +181,11 @@ class OutboundJob(_message.Message):
         message_id: _builtins.str = ...,
         previous_attempts: _builtins.int = ...,
         last_error: _builtins.str = ...,
+        not_before: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["queued_at", b"queued_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["not_before", b"not_before", "queued_at", b"queued_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_key", b"blob_key", "domain", b"domain", "job_id", b"job_id", "last_error", b"last_error", "mail_from", b"mail_from", "message_id", b"message_id", "previous_attempts", b"previous_attempts", "queued_at", b"queued_at", "rcpt_to", b"rcpt_to", "sender_user_id", b"sender_user_id", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_key", b"blob_key", "domain", b"domain", "job_id", b"job_id", "last_error", b"last_error", "mail_from", b"mail_from", "message_id", b"message_id", "not_before", b"not_before", "previous_attempts", b"previous_attempts", "queued_at", b"queued_at", "rcpt_to", b"rcpt_to", "sender_user_id", b"sender_user_id", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -313,3 +349,176 @@ class GetQueueStatsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetQueueStatsResponse: _TypeAlias = GetQueueStatsResponse  # noqa: Y015
+
+@_typing.final
+class QueuedJob(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    STREAM_SEQUENCE_FIELD_NUMBER: _builtins.int
+    state: Global___JobState.ValueType
+    attempts: _builtins.int
+    """Delivery attempts made so far."""
+    last_error: _builtins.str
+    stream: _builtins.str
+    """Where it is kept: OUTBOUND or DEAD, and its sequence there."""
+    stream_sequence: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___OutboundJob: ...
+    @_builtins.property
+    def next_attempt(self) -> _timestamp_pb2.Timestamp:
+        """When a deferred job is tried again."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___OutboundJob | None = ...,
+        state: Global___JobState.ValueType = ...,
+        attempts: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        next_attempt: _timestamp_pb2.Timestamp | None = ...,
+        stream: _builtins.str = ...,
+        stream_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "next_attempt", b"next_attempt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "job", b"job", "last_error", b"last_error", "next_attempt", b"next_attempt", "state", b"state", "stream", b"stream", "stream_sequence", b"stream_sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueuedJob: _TypeAlias = QueuedJob  # noqa: Y015
+
+@_typing.final
+class ListQueueRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """Most jobs returned (0: 1000)."""
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[Global___JobState.ValueType]:
+        """Only jobs in these states (none: all)."""
+
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        states: _abc.Iterable[Global___JobState.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "states", b"states"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQueueRequest: _TypeAlias = ListQueueRequest  # noqa: Y015
+
+@_typing.final
+class ListQueueResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """True when more jobs than limit matched."""
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueuedJob]: ...
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___QueuedJob] | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQueueResponse: _TypeAlias = ListQueueResponse  # noqa: Y015
+
+@_typing.final
+class RetryJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryJobRequest: _TypeAlias = RetryJobRequest  # noqa: Y015
+
+@_typing.final
+class RetryJobResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___QueuedJob:
+        """The job as queued now (a new job id when it was re-published)."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___QueuedJob | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryJobResponse: _TypeAlias = RetryJobResponse  # noqa: Y015
+
+@_typing.final
+class DropJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DropJobRequest: _TypeAlias = DropJobRequest  # noqa: Y015
+
+@_typing.final
+class DropJobResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___QueuedJob: ...
+    def __init__(
+        self,
+        *,
+        job: Global___QueuedJob | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DropJobResponse: _TypeAlias = DropJobResponse  # noqa: Y015

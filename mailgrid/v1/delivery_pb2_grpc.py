@@ -45,6 +45,21 @@ class DeliveryServiceStub:
                 request_serializer=mailgrid_dot_v1_dot_delivery__pb2.SubmitMessageRequest.SerializeToString,
                 response_deserializer=mailgrid_dot_v1_dot_delivery__pb2.SubmitMessageResponse.FromString,
                 _registered_method=True)
+        self.ListQueue = channel.unary_unary(
+                '/mailgrid.v1.DeliveryService/ListQueue',
+                request_serializer=mailgrid_dot_v1_dot_delivery__pb2.ListQueueRequest.SerializeToString,
+                response_deserializer=mailgrid_dot_v1_dot_delivery__pb2.ListQueueResponse.FromString,
+                _registered_method=True)
+        self.RetryJob = channel.unary_unary(
+                '/mailgrid.v1.DeliveryService/RetryJob',
+                request_serializer=mailgrid_dot_v1_dot_delivery__pb2.RetryJobRequest.SerializeToString,
+                response_deserializer=mailgrid_dot_v1_dot_delivery__pb2.RetryJobResponse.FromString,
+                _registered_method=True)
+        self.DropJob = channel.unary_unary(
+                '/mailgrid.v1.DeliveryService/DropJob',
+                request_serializer=mailgrid_dot_v1_dot_delivery__pb2.DropJobRequest.SerializeToString,
+                response_deserializer=mailgrid_dot_v1_dot_delivery__pb2.DropJobResponse.FromString,
+                _registered_method=True)
 
 
 class DeliveryServiceServicer:
@@ -66,6 +81,27 @@ class DeliveryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListQueue(self, request, context):
+        """Outbound jobs waiting (queued, being delivered, deferred) and dead ones.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryJob(self, request, context):
+        """A deferred job is tried now; a dead one is queued again (with a new lifetime).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropJob(self, request, context):
+        """Removes a job from the outbound queue or the dead jobs, without any notification.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeliveryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +114,21 @@ def add_DeliveryServiceServicer_to_server(servicer, server):
                     servicer.SubmitMessage,
                     request_deserializer=mailgrid_dot_v1_dot_delivery__pb2.SubmitMessageRequest.FromString,
                     response_serializer=mailgrid_dot_v1_dot_delivery__pb2.SubmitMessageResponse.SerializeToString,
+            ),
+            'ListQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQueue,
+                    request_deserializer=mailgrid_dot_v1_dot_delivery__pb2.ListQueueRequest.FromString,
+                    response_serializer=mailgrid_dot_v1_dot_delivery__pb2.ListQueueResponse.SerializeToString,
+            ),
+            'RetryJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryJob,
+                    request_deserializer=mailgrid_dot_v1_dot_delivery__pb2.RetryJobRequest.FromString,
+                    response_serializer=mailgrid_dot_v1_dot_delivery__pb2.RetryJobResponse.SerializeToString,
+            ),
+            'DropJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropJob,
+                    request_deserializer=mailgrid_dot_v1_dot_delivery__pb2.DropJobRequest.FromString,
+                    response_serializer=mailgrid_dot_v1_dot_delivery__pb2.DropJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +186,87 @@ class DeliveryService:
             '/mailgrid.v1.DeliveryService/SubmitMessage',
             mailgrid_dot_v1_dot_delivery__pb2.SubmitMessageRequest.SerializeToString,
             mailgrid_dot_v1_dot_delivery__pb2.SubmitMessageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailgrid.v1.DeliveryService/ListQueue',
+            mailgrid_dot_v1_dot_delivery__pb2.ListQueueRequest.SerializeToString,
+            mailgrid_dot_v1_dot_delivery__pb2.ListQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailgrid.v1.DeliveryService/RetryJob',
+            mailgrid_dot_v1_dot_delivery__pb2.RetryJobRequest.SerializeToString,
+            mailgrid_dot_v1_dot_delivery__pb2.RetryJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailgrid.v1.DeliveryService/DropJob',
+            mailgrid_dot_v1_dot_delivery__pb2.DropJobRequest.SerializeToString,
+            mailgrid_dot_v1_dot_delivery__pb2.DropJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,12 @@ class DeliveryServiceStub:
     each local recipient and one OUTBOUND job per remote domain. Durable when it
     returns. Idempotent on submission_id.
     """
+    ListQueue: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.ListQueueRequest, _delivery_pb2.ListQueueResponse]
+    """Outbound jobs waiting (queued, being delivered, deferred) and dead ones."""
+    RetryJob: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.RetryJobRequest, _delivery_pb2.RetryJobResponse]
+    """A deferred job is tried now; a dead one is queued again (with a new lifetime)."""
+    DropJob: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.DropJobRequest, _delivery_pb2.DropJobResponse]
+    """Removes a job from the outbound queue or the dead jobs, without any notification."""
 
 @_typing.type_check_only
 class DeliveryServiceAsyncStub(DeliveryServiceStub):
@@ -51,6 +57,12 @@ class DeliveryServiceAsyncStub(DeliveryServiceStub):
     each local recipient and one OUTBOUND job per remote domain. Durable when it
     returns. Idempotent on submission_id.
     """
+    ListQueue: _aio.UnaryUnaryMultiCallable[_delivery_pb2.ListQueueRequest, _delivery_pb2.ListQueueResponse]  # type: ignore[assignment]
+    """Outbound jobs waiting (queued, being delivered, deferred) and dead ones."""
+    RetryJob: _aio.UnaryUnaryMultiCallable[_delivery_pb2.RetryJobRequest, _delivery_pb2.RetryJobResponse]  # type: ignore[assignment]
+    """A deferred job is tried now; a dead one is queued again (with a new lifetime)."""
+    DropJob: _aio.UnaryUnaryMultiCallable[_delivery_pb2.DropJobRequest, _delivery_pb2.DropJobResponse]  # type: ignore[assignment]
+    """Removes a job from the outbound queue or the dead jobs, without any notification."""
 
 class DeliveryServiceServicer(metaclass=_abc_1.ABCMeta):
     """The mail flows: accepting what users send, and queue operations."""
@@ -72,5 +84,29 @@ class DeliveryServiceServicer(metaclass=_abc_1.ABCMeta):
         each local recipient and one OUTBOUND job per remote domain. Durable when it
         returns. Idempotent on submission_id.
         """
+
+    @_abc_1.abstractmethod
+    def ListQueue(
+        self,
+        request: _delivery_pb2.ListQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_pb2.ListQueueResponse, _abc.Awaitable[_delivery_pb2.ListQueueResponse]]:
+        """Outbound jobs waiting (queued, being delivered, deferred) and dead ones."""
+
+    @_abc_1.abstractmethod
+    def RetryJob(
+        self,
+        request: _delivery_pb2.RetryJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_pb2.RetryJobResponse, _abc.Awaitable[_delivery_pb2.RetryJobResponse]]:
+        """A deferred job is tried now; a dead one is queued again (with a new lifetime)."""
+
+    @_abc_1.abstractmethod
+    def DropJob(
+        self,
+        request: _delivery_pb2.DropJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_pb2.DropJobResponse, _abc.Awaitable[_delivery_pb2.DropJobResponse]]:
+        """Removes a job from the outbound queue or the dead jobs, without any notification."""
 
 def add_DeliveryServiceServicer_to_server(servicer: DeliveryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,35 @@
+"""Filing a raw message into a mailbox: what the inbound and the send paths share.
+
+Both parse the raw bytes under the configured limits and put each attachment's bytes
+in the blob store before StoreDelivery names them; these two steps live here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+from mailgrid.clients import MetadataClient
+from mailgrid.mime import ParsedEmail, iter_attachments, parse_message
+from mailgrid.settings import Settings
+
+
+async def parse_raw(settings: Settings, raw: bytes) -> ParsedEmail:
+    """``raw`` parsed under the settings' MIME limits, off the event loop (never raises)."""
+    return await asyncio.to_thread(
+        parse_message, raw, max_depth=settings.mime_max_depth,
+        max_parts=settings.mime_max_parts, max_body_bytes=settings.mime_max_body_bytes)
+
+
+async def store_attachments(metadata: MetadataClient, parsed: ParsedEmail) -> None:
+    """Puts each attachment's bytes in the blob store and records its content address.
+
+    Identical attachments of one message are uploaded once (the store is
+    content-addressed, so across messages they are stored once anyway).
+    """
+    keys: dict[bytes, str] = {}
+    for att, data in iter_attachments(parsed):
+        digest = hashlib.sha256(data).digest()
+        if digest not in keys:
+            keys[digest] = (await metadata.put_blob(data)).blob_key
+        att.blob_key = keys[digest]
