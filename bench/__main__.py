@@ -1,4 +1,4 @@
-"""``python -m bench [ingest] [listing] [--quick]``: start a private suite, measure, report."""
+"""``python -m bench [ingest] [listing] [realtime] [--quick]``: run a private suite, measure."""
 
 from __future__ import annotations
 
@@ -34,10 +34,30 @@ def main() -> None:
     args = parser.parse_args()
     if "ingest" in args.which:
         ingest(args.quick)
+    if "send" in args.which:
+        from bench.send import send
+
+        send(args.quick)
+    if "realtime" in args.which:
+        from bench.realtime import realtime
+
+        realtime(args.quick)
+    if "outbound" in args.which:
+        from bench.outbound import outbound
+
+        outbound(args.quick)
     if "listing" in args.which:
         from bench.listing import listing
 
         listing(args.quick)
+    if "search" in args.which:
+        from bench.search import search
+
+        search(args.quick)
+    if "search-meilisearch" in args.which:
+        from bench.search import search
+
+        search(args.quick, backend="meilisearch")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The gateway process: SMTP MX listener, HTTP API and a gRPC health endpoint.
+"""The gateway process: SMTP MX and submission listeners, HTTP API, gRPC health.
 
 Stateless: everything it knows comes from metadata_svc (gRPC) and NATS, so any number
 of gateways may run side by side behind one MX record and one load balancer.
@@ -19,10 +19,16 @@ from nats.aio.client import Client as NATS
 
 from gateway.auth import TokenSigner
 from gateway.http_api import ApiDeps, build_app
+from gateway.http_search import SearchDeps, search_routes
+from gateway.http_send import SendDeps, body_limit, send_routes
 from gateway.smtp import MxListener
+from gateway.submission import SubmissionListener
+from gateway.tls import server_context
+from gateway.ws import EventsDeps, RealtimeClient, events_router
 from mailgrid import bus
-from mailgrid.clients import MetadataClient
+from mailgrid.clients import DeliveryClient, MetadataClient
 from mailgrid.grpcutil import GrpcServer, channel
+from mailgrid.search_client import SearchClient
 from mailgrid.service import configure_logging, run_until_signalled
 from mailgrid.settings import Settings, split_host_port
 
@@ -83,6 +89,11 @@ class GatewayApp:
         self.grpc_addr = ""
         self.nc: NATS | None = None
         self.metadata: MetadataClient | None = None
+        self.delivery: DeliveryClient | None = None
+        self.submission_addr = ""
+        self._submission: SubmissionListener | None = None
+        self.realtime: RealtimeClient | None = None
+        self.search: SearchClient | None = None
         self._health_channel: grpc.aio.Channel | None = None
         self._smtp: MxListener | None = None
         self._http: _Uvicorn | None = None
@@ -104,12 +115,25 @@ class GatewayApp:
 
         self._smtp = MxListener(self.settings, self.metadata, self.nc)
         self.smtp_addr = await self._smtp.start()
-        await self._start_http(ApiDeps(self.metadata, signer, self.readiness))
+        self.delivery = DeliveryClient(self.settings.delivery_addr)
+        tls = await asyncio.to_thread(server_context, self.settings)
+        self._submission = SubmissionListener(self.settings, self.metadata, self.nc,
+                                              self.delivery, tls)
+        self.submission_addr = await self._submission.start()
+        send = send_routes(SendDeps(self.metadata, self.delivery, self.settings))
+        self.search = SearchClient(self.settings.search_addr)
+        search = search_routes(SearchDeps(self.search))
+        self.realtime = RealtimeClient(self.settings.realtime_addr)
+        events = events_router(EventsDeps(self.realtime, signer,
+                                          tuple(self.settings.events_allowed_origins)))
+        await self._start_http(ApiDeps(self.metadata, signer, self.readiness,
+                                       routers=(events, send, search),
+                                       body_limit=body_limit(self.settings)))
         # Last: health says SERVING only once SMTP and HTTP listen.
         self._grpc = GrpcServer(self.settings.gateway_grpc_addr)
         self.grpc_addr = await self._grpc.start()
-        log.info("gateway ready: smtp %s, http %s, grpc %s",
-                 self.smtp_addr, self.http_addr, self.grpc_addr)
+        log.info("gateway ready: smtp %s, submission %s, http %s, grpc %s",
+                 self.smtp_addr, self.submission_addr, self.http_addr, self.grpc_addr)
 
     async def _start_http(self, deps: ApiDeps) -> None:
         sock = _listen(self.settings.http_addr)
@@ -120,6 +144,9 @@ class GatewayApp:
             lifespan="off",
             timeout_graceful_shutdown=int(STOP_GRACE),
             server_header=False,
+            # Events are small JSON: compressing them saves little, and a deflate context
+            # per connection costs hundreds of KiB for each idle WebSocket.
+            ws_per_message_deflate=False,
         )
         self._http = _Uvicorn(config)
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
@@ -156,6 +183,9 @@ class GatewayApp:
         if self._smtp is not None:
             await self._smtp.stop(STOP_GRACE)
             self._smtp = None
+        if self._submission is not None:
+            await self._submission.stop(STOP_GRACE)
+            self._submission = None
         await self._stop_http()
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
@@ -167,6 +197,15 @@ class GatewayApp:
         if self.metadata is not None:
             await self.metadata.close()
             self.metadata = None
+        if self.delivery is not None:
+            await self.delivery.close()
+            self.delivery = None
+        if self.realtime is not None:
+            await self.realtime.close()
+            self.realtime = None
+        if self.search is not None:
+            await self.search.close()
+            self.search = None
         if self._health_channel is not None:
             await self._health_channel.close()
             self._health_channel = None

@@ -248,6 +248,10 @@ class ApiDeps:
     metadata: MetadataClient
     signer: TokenSigner
     readiness: ReadinessCheck
+    # Routers of other modules, mounted under /v1 (e.g. gateway.http_send).
+    routers: tuple[APIRouter, ...] = ()
+    # (method, path) → a larger body limit than max_body for that route, or None.
+    body_limit: Callable[[str, str], int | None] | None = None
 
 
 _BEARER = HTTPBearer(auto_error=False, description="A token from POST /v1/auth/token")
@@ -276,10 +280,13 @@ def build_app(deps: ApiDeps, max_body: int = MAX_JSON_BODY) -> FastAPI:
     )
     app.state.signer = deps.signer
     problems.install(app)
-    app.add_middleware(problems.GuardMiddleware, max_body=max_body)
+    app.add_middleware(problems.GuardMiddleware, max_body=max_body,
+                       route_limit=deps.body_limit)
     app.include_router(_health_routes(deps))
     app.include_router(_auth_routes(deps), prefix="/v1")
     app.include_router(_mail_routes(deps), prefix="/v1")
+    for router in deps.routers:
+        app.include_router(router, prefix="/v1")
     return app
 
 

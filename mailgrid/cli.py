@@ -21,7 +21,7 @@ from typing import cast
 from pydantic import ValidationError
 
 import mailgrid
-from mailgrid import services
+from mailgrid import queue_cli, reindex_cli, services
 from mailgrid.errors import AlreadyExists, InvalidArgument, MailgridError, Unavailable
 from mailgrid.grpcutil import call, channel, wait_healthy
 from mailgrid.launcher import Endpoints, Launcher, pid_alive, read_endpoints
@@ -66,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--quota", type=_non_negative_int, default=0, metavar="BYTES",
                      help="mailbox quota in bytes (default 0: unlimited)")
 
-    commands.add_parser("queue", help="show the mail queues of the running suite")
+    queue = commands.add_parser("queue", help="show the mail queues of the running suite")
+    queue_cli.add_arguments(queue)
+    reindex = commands.add_parser("reindex", help="rebuild the search index from the "
+                                  "mailbox store (running suite)")
+    reindex_cli.add_arguments(reindex)
     show = commands.add_parser("settings", help="show every setting and its value")
     show.add_argument("--markdown", action="store_true",
                       help="print the documentation table (defaults) instead")
@@ -91,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command: Callable[[argparse.Namespace, Settings], int] = {
             "up": cmd_up, "serve": cmd_serve, "user": cmd_user_add,
             "queue": cmd_queue, "settings": cmd_settings, "version": cmd_version,
+            "reindex": reindex_cli.cmd_reindex,
         }[args.command]
         return command(args, settings)
     except ValidationError as err:
@@ -223,9 +228,19 @@ def cmd_queue(args: argparse.Namespace, settings: Settings) -> int:
     running = read_endpoints(settings.data_dir)
     if running is None or "delivery" not in running.services:
         raise Unavailable(f"no suite is running on {settings.data_dir} (start `mailgrid up`)")
-    rows = asyncio.run(queue_stats(running.services["delivery"].grpc_addr))
+    addr = running.services["delivery"].grpc_addr
+    action = getattr(args, "queue_command", None)
+    if action in ("retry", "drop"):
+        print(asyncio.run(queue_cli.job_action(addr, action, args.job_id)))
+        return 0
+    rows = asyncio.run(queue_stats(addr))
     print(format_table(
         ["STREAM", "MESSAGES", "BYTES", "PENDING", "UNACKED", "REDELIVERED"], rows))
+    jobs, truncated = asyncio.run(queue_cli.list_jobs(addr))
+    print()
+    print(format_table(queue_cli.JOB_HEADER, jobs) if jobs else "no outbound jobs")
+    if truncated:
+        print(f"(first {len(jobs)} jobs shown)")
     return 0
 
 

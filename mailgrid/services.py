@@ -26,6 +26,8 @@ class ServiceSpec:
 SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("metadata", "metadata_svc.app", "MetadataApp", ("metadata_addr",)),
     ServiceSpec("delivery", "delivery_svc.app", "DeliveryApp", ("delivery_addr",)),
+    ServiceSpec("realtime", "realtime_svc.app", "RealtimeApp", ("realtime_addr",)),
+    ServiceSpec("search", "search_svc.app", "SearchApp", ("search_addr",)),
     ServiceSpec("gateway", "gateway.app", "GatewayApp",
                 ("gateway_grpc_addr", "http_addr", "smtp_addr", "submission_addr")),
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -34,6 +34,16 @@ class Settings(BaseSettings):
     smtp_addr: str = "127.0.0.1:2525"
     # SMTP submission listener (AUTH): mail from our users to anywhere.
     submission_addr: str = "127.0.0.1:2587"
+    # PEM certificate (chain) and key for STARTTLS on the submission port; when unset, a
+    # self-signed pair is generated on first run into data_dir/tls/.
+    submission_tls_cert: str = ""
+    submission_tls_key: str = ""
+    # Allow AUTH without TLS on the submission port for clients on a loopback address.
+    submission_auth_plaintext_loopback: bool = False
+    # Failed AUTH attempts per client IP within the window before AUTH is refused (421).
+    submission_auth_max_failures: int = 5
+    # Seconds a failed AUTH attempt counts against its client IP.
+    submission_auth_failure_window: float = 900.0
     # Domains we accept mail for; the first one names this host when hostname is unset.
     domains: Annotated[list[str], NoDecode] = ["example.test"]
     # Name used in the SMTP banner and in Received headers.
@@ -44,6 +54,24 @@ class Settings(BaseSettings):
     metadata_addr: str = "127.0.0.1:0"
     # gRPC listener of delivery_svc.
     delivery_addr: str = "127.0.0.1:0"
+    # gRPC listener of realtime_svc (live events); the gateway's WebSocket connects here.
+    realtime_addr: str = "127.0.0.1:0"
+    # Events buffered per live session; a client further behind is told to resync.
+    realtime_session_buffer: int = 256
+    # Seconds between heartbeats on an idle event stream (WebSocket and gRPC).
+    events_heartbeat: float = 25.0
+    # Origins allowed to open the events WebSocket (scheme://host[:port]); empty means
+    # the same host as the HTTP listener, as the browser reached it (Host header).
+    events_allowed_origins: Annotated[list[str], NoDecode] = []
+    # gRPC listener of search_svc (full-text search; the gateway's /v1/search calls it).
+    search_addr: str = "127.0.0.1:0"
+    # Search index: embedded:// (tantivy in data_dir/search; embedded:///PATH elsewhere)
+    # or meilisearch://HOST:PORT/INDEX?key=KEY (tls=1 for HTTPS).
+    search_url: str = "embedded://"
+    # Seconds a search asking for read-your-writes (min_applied_seq) waits for the index.
+    search_wait_timeout: float = 5.0
+    # Most mailbox events applied to the search index in one commit.
+    search_batch: int = 256
     # gRPC listener of the gateway (health and reflection only).
     gateway_grpc_addr: str = "127.0.0.1:0"
     # Metadata database; sqlite:///PATH (default: data_dir/metadata.db).
@@ -78,11 +106,39 @@ class Settings(BaseSettings):
     token_secret: str = ""
     # Lifetime of an access token, in seconds.
     token_ttl: int = 3600
-    # Seconds an unreferenced blob is kept before it is deleted (in-flight deliveries
-    # may still be about to reference it).
-    blob_gc_grace: float = 3600.0
+    # Seconds an unreferenced blob is kept before it is deleted: in-flight deliveries may
+    # still reference it, and a queued remote message may be held only by its OUTBOUND
+    # job, so keep this above outbound_max_lifetime.
+    blob_gc_grace: float = 6 * 24 * 3600.0
     # Seconds between blob garbage-collection sweeps.
     blob_gc_interval: float = 300.0
+    # Outbound worker tasks per delivery_svc process: each holds one SMTP connection.
+    outbound_workers: int = 4
+    # DNS server for MX lookups as HOST:PORT; empty uses the system's resolver.
+    outbound_nameserver: str = ""
+    # Static routes that skip MX lookup: "domain=host:port,..." ("*" matches any domain).
+    outbound_routes: str = ""
+    # TCP port of the mail exchangers found by MX lookup (RFC 5321: 25).
+    outbound_port: int = 25
+    # STARTTLS policy (Postfix smtp_tls_security_level): none, may (when offered,
+    # certificate not checked), encrypt (TLS required), verify (TLS with a valid certificate).
+    outbound_tls: Literal["none", "may", "encrypt", "verify"] = "may"
+    # Seconds before the first retry of a temporarily failed delivery; doubles per attempt.
+    outbound_retry_delay: float = 300.0
+    # Longest wait between delivery attempts, in seconds (Postfix maximal_backoff_time).
+    outbound_retry_max_delay: float = 4000.0
+    # Seconds a message may stay queued before it is returned to its sender (5 days).
+    outbound_max_lifetime: float = 5 * 24 * 3600.0
+    # Seconds queued after which the sender gets one "delayed" notice; 0 sends none.
+    outbound_delay_warning: float = 0.0
+    # Seconds to connect, and to wait for each SMTP reply, of a remote server.
+    outbound_connect_timeout: float = 30.0
+    outbound_command_timeout: float = 300.0
+    # Seconds a worker may hold a job without acking before NATS redelivers it.
+    outbound_ack_wait: float = 60.0
+    # DKIM selector for the keys in data_dir/dkim/<domain>.key (a file
+    # <selector>._domainkey.<domain>.key there overrides it for that domain).
+    dkim_selector: str = "mail"
     # Python logging level for every service.
     log_level: str = "INFO"
 
@@ -91,6 +147,13 @@ class Settings(BaseSettings):
     def _split_domains(cls, value: object) -> object:
         if isinstance(value, str):
             return [d.strip().lower() for d in value.split(",") if d.strip()]
+        return value
+
+    @field_validator("events_allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [o.strip().rstrip("/").lower() for o in value.split(",") if o.strip()]
         return value
 
     @field_validator("domains")
@@ -118,6 +181,10 @@ class Settings(BaseSettings):
     @property
     def nats_dir(self) -> Path:
         return self.data_dir / "nats"
+
+    @property
+    def dkim_dir(self) -> Path:
+        return self.data_dir / "dkim"
 
     def is_local_domain(self, domain: str) -> bool:
         return domain.lower().rstrip(".") in self.domains
