@@ -122,7 +122,8 @@ class Indexer:
                 log.warning("fetching events failed: %s", err)
                 await _sleep_unless(stop, 1.0)
                 continue
-            await self._settle(msgs, stop)
+            if msgs:  # a fetch of a batch may return nothing instead of timing out
+                await self._settle(msgs, stop)
         with contextlib.suppress(Exception):
             await self._sub.unsubscribe()
 
@@ -133,10 +134,12 @@ class Indexer:
             try:
                 await self.apply_batch(msgs)
                 break
-            except MailgridError as err:
+            except Exception as err:
                 if stop.is_set():
                     return  # unacked: redelivered to whoever runs next
-                log.warning("indexing %d events failed, retrying in %.1fs: %s",
+                # A bug must not kill the indexer silently: it is logged and retried.
+                log_failure = log.warning if isinstance(err, MailgridError) else log.exception
+                log_failure("indexing %d events failed, retrying in %.1fs: %s",
                             len(msgs), backoff, err)
                 for msg in msgs:
                     with contextlib.suppress(Exception):

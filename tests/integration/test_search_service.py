@@ -7,6 +7,7 @@ here sleeps or polls the index.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from mailgrid.search_client import SearchClient
 from mailgrid.settings import Settings
 from mailgrid.v1 import common_pb2, metadata_pb2, search_pb2
 from metadata_svc.app import MetadataApp
+from search_svc import indexer
 from search_svc.app import SearchApp, index_path
 from search_svc.ports import DeleteUser
 
@@ -126,6 +128,17 @@ async def test_delivered_mail_is_found_once_its_event_is_applied(
     (mark,) = result.snippet.highlights
     assert result.snippet.text[mark.start:mark.end] == "invoice"
     assert reply.total_estimate == 1 and not reply.truncated
+
+
+async def test_the_indexer_keeps_indexing_after_idle_fetches(
+        search: SearchClient, metadata_client: MetadataClient, events: Events,
+        alice: common_pb2.User) -> None:
+    first = await deliver(metadata_client, alice, "busy", "before a quiet spell")
+    assert await ids(search, alice, "before", await events.next_seq()) == [first]
+    # Fetches come back empty while nothing happens; the indexer must survive them.
+    await asyncio.sleep(indexer.FETCH_TIMEOUT * 4)
+    email_id = await deliver(metadata_client, alice, "idle", "after a quiet spell")
+    assert await ids(search, alice, "after", await events.next_seq()) == [email_id]
 
 
 async def test_flags_moves_and_deletes_keep_the_index_in_step(
