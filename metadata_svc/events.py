@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
@@ -64,7 +65,10 @@ class OutboxPublisher:
                     await self._drain(nc.jetstream())
             except (Unavailable, TimeoutError) as err:
                 log.warning("events left in the outbox for the next start: %s", err)
-        await nc.close()
+        try:
+            await nc.close()
+        except (OSError, nats.errors.Error) as err:  # NATS went away under us: nothing to flush
+            log.info("NATS connection closed with an error: %s", err)
 
     async def _run(self) -> None:
         # Waits (reconnecting forever) until NATS answers: the store works without it.
