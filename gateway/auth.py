@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,11 +64,22 @@ def _read_secret(path: Path) -> str:
 
 
 @dataclass(frozen=True)
+class Claims:
+    """What a valid token says: whose it is, its id (for logout) and its expiry."""
+
+    user_id: str
+    jti: str
+    expires_at: float
+
+
+@dataclass(frozen=True)
 class TokenSigner:
     """Issues and verifies access tokens."""
 
     secret: str
     ttl: int
+    # jti → revoked? (gateway.revocation.Revocations.is_revoked); None: nothing revoked.
+    revoked: Callable[[str], bool] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenSigner:
@@ -77,11 +89,16 @@ class TokenSigner:
 
     def issue(self, user_id: str, now: float | None = None) -> str:
         issued = int(time.time() if now is None else now)
-        claims = {"sub": user_id, "iat": issued, "exp": issued + self.ttl}
+        claims = {"sub": user_id, "iat": issued, "exp": issued + self.ttl,
+                  "jti": secrets.token_urlsafe(16)}
         return jwt.encode(claims, self.secret, algorithm=ALGORITHM)
 
     def verify(self, token: str) -> str:
         """The user id a valid token names; Unauthenticated for anything else."""
+        return self.claims(token).user_id
+
+    def claims(self, token: str) -> Claims:
+        """The claims of a valid, unrevoked token; Unauthenticated for anything else."""
         try:
             claims = jwt.decode(token, self.secret, algorithms=[ALGORITHM],
                                 options={"require": ["sub", "exp"]})
@@ -92,4 +109,8 @@ class TokenSigner:
         user_id = claims.get("sub")
         if not isinstance(user_id, str) or not user_id:
             raise Unauthenticated("the access token is not valid")
-        return user_id
+        jti = claims.get("jti")
+        jti = jti if isinstance(jti, str) else ""
+        if jti and self.revoked is not None and self.revoked(jti):
+            raise Unauthenticated("the access token has been revoked (logged out)")
+        return Claims(user_id=user_id, jti=jti, expires_at=float(claims["exp"]))

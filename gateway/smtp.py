@@ -33,8 +33,6 @@ from mailgrid.v1 import delivery_pb2
 log = logging.getLogger(__name__)
 
 IDENT = "mailgrid ESMTP"
-# Seconds a client may stay silent before we close (RFC 5321 4.5.3.2.7: at least 5 min).
-SESSION_TIMEOUT = 300.0
 # Seconds for the reverse DNS lookup that names the client in our Received header.
 RDNS_TIMEOUT = 3.0
 # Seconds to wait for JetStream to acknowledge an INBOUND job.
@@ -56,6 +54,9 @@ R_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 R_LOOP = "554 5.4.6 Too many hops (mail loop)"
 R_TEMPORARY = "451 4.3.0 Temporary failure, try again later"
 R_SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
+R_TIMEOUT = "421 4.4.2 Timeout, closing connection"
+R_TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
+R_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address, try later"
 
 _ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}(?: |$)")
 _REPLY = re.compile(r"^(\d{3})([ -])(.*)$", re.DOTALL)
@@ -125,7 +126,7 @@ class MxSMTP(SMTP):
             decode_data=False,
             hostname=settings.server_name,
             ident=IDENT,
-            timeout=SESSION_TIMEOUT,
+            timeout=settings.smtp_idle_timeout,
             loop=loop,
             **options,  # e.g. TLS and AUTH for the submission listener
         )
@@ -133,23 +134,73 @@ class MxSMTP(SMTP):
         self._on_data_done = on_data_done
         self._greeting_reply = False
         self.in_data = False
+        self._data_timeout = settings.smtp_data_timeout
+        self._max_errors = settings.smtp_max_errors
+        self._max_per_ip = settings.smtp_max_connections_per_ip
+        self._errors = 0
+        self._refused = False
+        self.peer_ip = ""
 
     def _create_session(self) -> Session:
         return MxSession(self.loop)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Called again on the TLS transport after STARTTLS: the cap counts connections.
+        if self._original_transport is None:
+            peer = transport.get_extra_info("peername")
+            self.peer_ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+            if self._over_connection_cap():
+                self._refuse(transport)
+                return
         self._sessions.add(self)
         super().connection_made(transport)
 
+    def _over_connection_cap(self) -> bool:
+        same = sum(1 for s in self._sessions if s.peer_ip == self.peer_ip)
+        return same >= self._max_per_ip
+
+    def _refuse(self, transport: asyncio.BaseTransport) -> None:
+        """421 before the greeting (RFC 5321 3.1) and close, without a session."""
+        log.warning("connection from %s refused: over %d connections",
+                    self.peer_ip, self._max_per_ip)
+        self._refused = True
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(R_TOO_MANY_CONNECTIONS.encode("ascii") + b"\r\n")
+        transport.close()
+
     def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
         self._sessions.discard(self)
         super().connection_lost(error)
 
+    def _timeout_cb(self) -> None:
+        # RFC 5321 4.5.3.2: a server may close an idle session; 421 tells the client why.
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            writer.write(R_TIMEOUT.encode("ascii") + b"\r\n")
+        log.info("%s: timeout, closing", self.peer_ip)
+        if self.transport is not None:
+            self.transport.close()
+
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str) and not (self._greeting_reply and status[:1] == "2"):
-            await super().push(with_enhanced_code(status))
+            status_str = with_enhanced_code(status)
+            await super().push(status_str)
+            await self._count_error(status_str)
         else:
             await super().push(status)
+
+    async def _count_error(self, reply: str) -> None:
+        """Closes with 421 4.7.0 after too many error replies (Postfix hard_error_limit):
+        a client that keeps failing is probing (harvesting addresses) or broken."""
+        if reply[:1] not in "45" or reply[:3] == "421":
+            return
+        self._errors += 1
+        if self._errors >= self._max_errors and self.transport is not None:
+            log.warning("%s: %d errors, closing", self.peer_ip, self._errors)
+            await super().push(R_TOO_MANY_ERRORS)
+            self.transport.close()
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
@@ -172,20 +223,30 @@ class MxSMTP(SMTP):
         # RFC 5321 4.1.1.3 says to ignore a source route and deliver to the final
         # address; aiosmtpd drops it silently. We refuse it: no relaying, however asked.
         rest = arg.strip() if arg else ""
-        if (self.envelope is not None and self.envelope.mail_from
-                and rest[:3].upper() == "TO:" and rest[3:].lstrip().startswith("<@")):
-            await self.push(R_ROUTING_DENIED)
-            return
+        path = rest[3:].lstrip() if rest[:3].upper() == "TO:" else ""
+        if self.envelope is not None and self.envelope.mail_from and path:
+            if path.startswith("<@"):
+                await self.push(R_ROUTING_DENIED)
+                return
+            # aiosmtpd's parser forgives "<a@b" without its ">"; RFC 5321 4.1.2 doesn't.
+            if path.startswith("<") != (">" in path):
+                await self.push(R_BAD_ADDRESS)
+                return
         await super().smtp_RCPT(arg)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         self.in_data = True
+        # One deadline for the whole transfer: aiosmtpd resets its timer per command
+        # only, and a client trickling bytes must not hold a session forever.
+        self._reset_timeout(self._data_timeout)
         try:
             await super().smtp_DATA(arg)
         finally:
             self.in_data = False
             self._on_data_done()
+            if self.transport is not None:
+                self._reset_timeout()
 
     def shut_down(self) -> None:
         """Says 421 and closes (RFC 5321 3.8); used for idle sessions at stop."""

@@ -43,12 +43,12 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import grpc
-import jwt
 from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel
 
-from gateway.auth import TokenSigner
+from gateway.auth import Claims, TokenSigner
 from gateway.http_api import FolderOut, User, role_name, summary_out
+from gateway.revocation import Revocations
 from mailgrid.errors import InvalidArgument, MailgridError, Unauthenticated, Unavailable
 from mailgrid.grpcutil import stream
 from mailgrid.v1 import common_pb2, realtime_pb2, realtime_pb2_grpc
@@ -122,6 +122,8 @@ class EventsDeps:
     signer: TokenSigner
     # Allowed Origin values (scheme://host[:port], lower case); empty: same host.
     allowed_origins: Sequence[str] = ()
+    # Revoked token ids: a session ends when its token is revoked (logout).
+    revocations: Revocations | None = None
 
 
 # ---- JSON shapes ----------------------------------------------------------------------
@@ -185,12 +187,6 @@ def origin_allowed(origin: str | None, host: str | None, allowed: Sequence[str])
         parts.netloc == (host or "").strip().lower()
 
 
-def _expiry(token: str) -> float:
-    """The exp claim of a token ``signer.verify`` has already accepted."""
-    claims = jwt.decode(token, options={"verify_signature": False})
-    return float(claims["exp"])
-
-
 # ---- the WebSocket --------------------------------------------------------------------
 
 class _Closed(Exception):
@@ -220,13 +216,12 @@ async def _bearer(websocket: WebSocket) -> str:
     return token
 
 
-async def _authenticate(websocket: WebSocket, signer: TokenSigner) -> tuple[str, float]:
+async def _authenticate(websocket: WebSocket, signer: TokenSigner) -> Claims:
     token = await _bearer(websocket)
     try:
-        user_id = signer.verify(token)
+        return signer.claims(token)
     except Unauthenticated as err:
         raise _Closed(CLOSE_UNAUTHENTICATED, err.detail) from None
-    return user_id, _expiry(token)
 
 
 async def _pump(websocket: WebSocket, realtime: RealtimeClient, user_id: str,
@@ -269,6 +264,15 @@ async def _drain_client(websocket: WebSocket) -> None:
             return
 
 
+async def _revoked(revocations: Revocations | None, jti: str) -> None:
+    """Ends the session when its token is revoked, on this gateway or another."""
+    if revocations is None or not jti:
+        await asyncio.Future()  # never revoked
+        return
+    await revocations.wait(jti)
+    raise _Closed(CLOSE_UNAUTHENTICATED, "the access token has been revoked")
+
+
 async def _expire(expires_at: float) -> None:
     await asyncio.sleep(max(0.0, expires_at - time.time()))
     raise _Closed(CLOSE_UNAUTHENTICATED, "the access token has expired")
@@ -286,11 +290,12 @@ async def bridge(websocket: WebSocket, deps: EventsDeps, since: str) -> None:
             cursor = parse_cursor(since)
         except InvalidArgument as err:
             raise _Closed(CLOSE_BAD_REQUEST, err.detail) from None
-        user_id, expires_at = await _authenticate(websocket, deps.signer)
+        claims = await _authenticate(websocket, deps.signer)
         tasks = [
-            asyncio.create_task(_pump(websocket, deps.realtime, user_id, cursor)),
+            asyncio.create_task(_pump(websocket, deps.realtime, claims.user_id, cursor)),
             asyncio.create_task(_drain_client(websocket)),
-            asyncio.create_task(_expire(expires_at)),
+            asyncio.create_task(_expire(claims.expires_at)),
+            asyncio.create_task(_revoked(deps.revocations, claims.jti)),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -227,10 +227,31 @@ async def test_foreign_domain_gets_554_5_7_1_relay_denied(smtp: Smtp) -> None:
     '<"bob@elsewhere.example"@example.test>',  # quoted @
     "<@example.test:bob@elsewhere.example>",   # source route
     "<@relay.example:bob@example.test>",       # source route to a local user
+    '<"bob%elsewhere.example"@example.test>',  # quoted percent hack
 ])
 async def test_relay_tricks_get_554_5_7_1(smtp: Smtp, rcpt: str) -> None:
     await smtp.envelope()
     assert await smtp.cmd(f"RCPT TO:{rcpt}") == S554_ROUTING_DENIED
+
+
+@pytest.mark.parametrize("rcpt", [
+    "someone@elsewhere.example",               # unbracketed foreign address
+    "bob%elsewhere.example@example.test",      # unbracketed percent hack
+    "elsewhere.example!bob@example.test",      # unbracketed bang path
+    "<someone@elsewhere.example.>",            # foreign domain with a trailing dot
+    "<someone@[192.0.2.1]>",                   # address literal
+    "<>",                                      # the null sender as a recipient
+    "<bob%elsewhere.example>",                 # percent hack with no domain at all
+    "<elsewhere.example!bob>",                 # bare bang path
+    "<bob@example.test",                       # unbalanced bracket
+])
+async def test_open_relay_probes_all_get_5xx(smtp: Smtp, js: JetStreamContext,
+                                             rcpt: str) -> None:
+    await smtp.envelope()
+    reply = await smtp.cmd(f"RCPT TO:{rcpt}")
+    assert 500 <= reply.code < 600, reply
+    assert await smtp.cmd("DATA") == R(503, "5.5.1 Error: need RCPT command")
+    assert await inbound_jobs(js) == []
 
 
 async def test_user_over_quota_gets_452_4_2_2(smtp: Smtp, users: MetadataClient) -> None:
@@ -307,7 +328,13 @@ async def test_51_received_headers_get_554_5_4_6(smtp: Smtp, js: JetStreamContex
     assert await inbound_jobs(js) == []
 
 
-@pytest.mark.parametrize("smuggled_end", [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r\n"])
+# The nine end-of-data look-alikes of SMTP smuggling (SEC Consult, 2023): only
+# <CR><LF>.<CR><LF> ends DATA (RFC 5321 4.1.1.4); each of these is a bare CR or LF.
+SMUGGLED_ENDS = [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r",
+                 b"\n.\r", b"\r.\n", b"\r\n.\r\r\n"]
+
+
+@pytest.mark.parametrize("smuggled_end", SMUGGLED_ENDS)
 async def test_smuggled_end_of_data_stays_inside_the_one_message(
         smtp: Smtp, js: JetStreamContext, smuggled_end: bytes) -> None:
     await smtp.envelope("bob@example.test")

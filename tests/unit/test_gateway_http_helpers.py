@@ -16,8 +16,9 @@ def test_content_disposition_carries_an_ascii_fallback_and_the_exact_name() -> N
 
 @pytest.mark.parametrize(("name", "fallback"), [
     ("", "attachment"),
-    ('a"b\r\n.txt', "a_b__.txt"),
-    ("../../etc/passwd", ".._.._etc_passwd"),
+    ('a"b\r\n.txt', "a_b.txt"),                 # controls dropped, quote replaced
+    ("../../etc/passwd", "_._etc_passwd"),       # no separators, no ".."
+    ("invoice\u202efdp.exe", "invoicefdp.exe"),  # no bidi override hiding ".exe"
 ])
 def test_content_disposition_cannot_break_the_header_or_escape(name: str,
                                                                fallback: str) -> None:
