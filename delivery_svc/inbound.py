@@ -29,6 +29,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from delivery_svc.checks import InboundChecks, JobChecks
+from delivery_svc.checks.notice import virus_notice
 from mailgrid import bus
 from mailgrid.clients import MetadataClient
 from mailgrid.errors import (
@@ -41,7 +43,7 @@ from mailgrid.errors import (
 from mailgrid.filing import parse_raw, store_attachments
 from mailgrid.mime import ParsedEmail
 from mailgrid.settings import Settings
-from mailgrid.v1 import delivery_pb2, metadata_pb2
+from mailgrid.v1 import common_pb2, delivery_pb2, metadata_pb2
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +122,9 @@ class InboundWorker:
     """One worker: fetches one job at a time from the shared durable consumer."""
 
     def __init__(self, settings: Settings, js: JetStreamContext, metadata: MetadataClient,
-                 name: str = "inbound") -> None:
+                 name: str = "inbound", checks: InboundChecks | None = None) -> None:
         self.settings = settings
+        self.checks = checks or InboundChecks(settings)
         self.js = js
         self.metadata = metadata
         self.name = name
@@ -226,13 +229,14 @@ class InboundWorker:
         except NotFound as err:
             raise JobFailed(f"raw message {job.blob_key} is not in the blob store") from err
         parsed = await parse_raw(self.settings, raw)
+        checks = await self.checks.evaluate(job, raw)
         del raw
         await store_attachments(self.metadata, parsed)
         report = Report()
         seen_users: set[str] = set()
         for rcpt in job.rcpt_to:
             try:
-                user_id = await self._file(job, rcpt, parsed, seen_users)
+                user_id = await self._file(job, rcpt, parsed, seen_users, checks)
             except (NotFound, InvalidArgument) as err:
                 reason = (f"unknown recipient <{rcpt}>" if isinstance(err, NotFound)
                           else f"recipient <{rcpt}> refused: {err.detail}")
@@ -245,22 +249,49 @@ class InboundWorker:
         return report
 
     async def _file(self, job: delivery_pb2.InboundJob, rcpt: str, parsed: ParsedEmail,
-                    seen_users: set[str]) -> str:
+                    seen_users: set[str], checks: JobChecks) -> str:
         """Stores one recipient's copy; returns the user id ('' if already filed now)."""
         user = await self.metadata.get_user(address=rcpt)
         if user.user_id in seen_users:
             return ""  # two addresses of one mailbox: one copy
         seen_users.add(user.user_id)
+        lists = await self._sender_lists(user.user_id) if checks.external else []
+        folder, verdict = self.checks.decide(checks, parsed.message, lists)
+        if checks.virus:
+            await self._notify_virus(job, rcpt, user.user_id, parsed, checks.virus)
         req = metadata_pb2.StoreDeliveryRequest(
             user_id=user.user_id, delivery_key=delivery_key(job.queue_id, rcpt),
-            folder_id="inbox", blob_key=job.blob_key, size=job.size,
-            parsed=parsed.message)
+            folder_id=folder, blob_key=job.blob_key, size=job.size,
+            parsed=parsed.message, checks=verdict)
         if job.HasField("received_at"):
             req.received_at.CopyFrom(job.received_at)
         reply = await self.metadata.store_delivery(req)
         log.debug("%s: %s → %s email %s (new: %s)", self.name, job.queue_id, rcpt,
                   reply.email_id, reply.created)
         return user.user_id
+
+    async def _sender_lists(self, user_id: str) -> list[common_pb2.SenderListEntry]:
+        """The user's allow/block lists; advisory, so a store that cannot give them
+        (not an outage: that is retried) means no lists rather than undelivered mail."""
+        try:
+            return await self.metadata.sender_lists(user_id)
+        except (Unavailable, StorageFull):
+            raise
+        except MailgridError as err:
+            log.warning("%s: no sender lists for %s: %s", self.name, user_id, err.detail)
+            return []
+
+    async def _notify_virus(self, job: delivery_pb2.InboundJob, rcpt: str, user_id: str,
+                            parsed: ParsedEmail, virus: str) -> None:
+        """A short notice in the inbox: the message itself is quarantined in Spam."""
+        notice = virus_notice(self.settings, rcpt, job.mail_from, parsed.message, virus)
+        stored = await self.metadata.put_blob(notice)
+        notice_parsed = await parse_raw(self.settings, notice)
+        req = metadata_pb2.StoreDeliveryRequest(
+            user_id=user_id, delivery_key=f"{delivery_key(job.queue_id, rcpt)}:virus-notice",
+            folder_id="inbox", blob_key=stored.blob_key, size=stored.size,
+            parsed=notice_parsed.message)
+        await self.metadata.store_delivery(req)
 
     # settling
 

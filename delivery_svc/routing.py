@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
+from typing import TypeVar
 
 import dns.asyncresolver
 import dns.exception
@@ -22,6 +23,8 @@ from mailgrid.errors import InvalidArgument
 from mailgrid.settings import Settings, split_host_port
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=dns.resolver.BaseResolver)
 
 # Seconds one DNS lookup may take in all (each server try is shorter).
 DNS_LIFETIME = 10.0
@@ -65,11 +68,18 @@ def parse_routes(text: str) -> dict[str, tuple[str, int]]:
 
 def make_resolver(nameserver: str) -> dns.asyncresolver.Resolver:
     """The system's resolver, or one asking only ``nameserver`` (HOST:PORT)."""
-    if not nameserver:
-        resolver = dns.asyncresolver.Resolver()
-    else:
+    return _configure(dns.asyncresolver.Resolver(configure=not nameserver), nameserver)
+
+
+def make_sync_resolver(nameserver: str) -> dns.resolver.Resolver:
+    """The blocking twin of make_resolver, for libraries that look up synchronously
+    (pyspf, dkimpy: the inbound checks run them in a thread)."""
+    return _configure(dns.resolver.Resolver(configure=not nameserver), nameserver)
+
+
+def _configure(resolver: R, nameserver: str) -> R:
+    if nameserver:
         host, port = split_host_port(nameserver)
-        resolver = dns.asyncresolver.Resolver(configure=False)
         resolver.nameservers = [host]
         resolver.port = port
     resolver.lifetime = DNS_LIFETIME

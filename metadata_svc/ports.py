@@ -218,6 +218,15 @@ class MetadataStore(Protocol):
         """The email id a delivery key was stored as, or None if it never was."""
         ...
 
+    async def sender_lists(self, user_id: str) -> list[common_pb2.SenderListEntry]:
+        """The user's sender allow/block entries (moves into/out of Spam add to them)."""
+        ...
+
+    async def update_sender_list(self, user_id: str, entry: common_pb2.SenderListEntry,
+                                 remove: bool = False) -> list[common_pb2.SenderListEntry]:
+        """Sets (or removes) one entry; InvalidArgument for an empty or bad sender."""
+        ...
+
     # blob references (a blob is released when its last reference goes)
 
     async def orphaned_blobs(self, released_before: float,

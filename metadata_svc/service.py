@@ -78,6 +78,19 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
         return metadata_pb2.ListUsersResponse(users=users, next_page_token=token)
 
     @rpc
+    async def GetSenderLists(self, request: metadata_pb2.GetSenderListsRequest,
+                             context: Context) -> metadata_pb2.GetSenderListsResponse:
+        entries = await self.store.sender_lists(_require(request.user_id, "user_id"))
+        return metadata_pb2.GetSenderListsResponse(entries=entries)
+
+    @rpc
+    async def UpdateSenderList(self, request: metadata_pb2.UpdateSenderListRequest,
+                               context: Context) -> metadata_pb2.UpdateSenderListResponse:
+        entries = await self.store.update_sender_list(
+            _require(request.user_id, "user_id"), request.entry, request.remove)
+        return metadata_pb2.UpdateSenderListResponse(entries=entries)
+
+    @rpc
     async def ListFolders(self, request: metadata_pb2.ListFoldersRequest,
                           context: Context) -> metadata_pb2.ListFoldersResponse:
         folders = await self.store.list_folders(_require(request.user_id, "user_id"))

@@ -115,6 +115,13 @@ CREATE TABLE IF NOT EXISTS blob_refs (
     PRIMARY KEY (blob_key, owner)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS blob_orphans (
     blob_key TEXT PRIMARY KEY, since REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS message_checks (
+    user_id TEXT NOT NULL, email_id TEXT NOT NULL, verdict BLOB NOT NULL,
+    PRIMARY KEY (user_id, email_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sender_lists (
+    user_id TEXT NOT NULL, sender TEXT NOT NULL, allow INTEGER NOT NULL,
+    source TEXT NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (user_id, sender)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS event_outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL,
     user_id TEXT NOT NULL, payload BLOB NOT NULL);
@@ -325,6 +332,8 @@ class SQLiteMetadataStore:
             starred = bool(row["is_starred"]) if is_starred is None else is_starred
             summary = _change(conn, row, target, read, starred)
             moved = target != row["folder_id"]
+            if moved:
+                _spam_feedback(conn, row, target)
             if summary is None:
                 return _summary(row)
             event = events_pb2.MailEvent(user_id=user_id)
@@ -364,6 +373,30 @@ class SQLiteMetadataStore:
                              ) -> StoredDelivery:
         _check_delivery(request)
         return await self._write(functools.partial(_store_delivery, request=request))
+
+    async def sender_lists(self, user_id: str) -> list[common_pb2.SenderListEntry]:
+        def read(conn: sqlite3.Connection) -> list[common_pb2.SenderListEntry]:
+            _user(conn, user_id)
+            return _sender_lists(conn, user_id)
+
+        return await self._read(read)
+
+    async def update_sender_list(self, user_id: str, entry: common_pb2.SenderListEntry,
+                                 remove: bool = False) -> list[common_pb2.SenderListEntry]:
+        sender = entry.sender.strip().lower()
+        if not sender or " " in sender or sender.startswith("@") or sender.endswith("@"):
+            raise InvalidArgument(f"sender {entry.sender!r}: expected an address or a domain")
+
+        def write(conn: sqlite3.Connection) -> list[common_pb2.SenderListEntry]:
+            _user(conn, user_id)
+            if remove:
+                conn.execute("DELETE FROM sender_lists WHERE user_id = ? AND sender = ?",
+                             (user_id, sender))
+            else:
+                _put_sender(conn, user_id, entry)
+            return _sender_lists(conn, user_id)
+
+        return await self._write(write)
 
     async def delivered_email_id(self, user_id: str, delivery_key: str) -> str | None:
         def read(conn: sqlite3.Connection) -> str | None:
@@ -604,7 +637,39 @@ def _message(conn: sqlite3.Connection, user_id: str, email_id: str) -> common_pb
         parse_problems=json.loads(row["parse_problems_json"]))
     sender = getattr(message, "from")
     sender.name, sender.email = row["from_name"], row["from_email"]
+    checks = _one(conn, "SELECT verdict FROM message_checks WHERE user_id = ? AND "
+                  "email_id = ?", user_id, email_id)
+    if checks is not None:
+        message.checks.ParseFromString(checks["verdict"])
     return message
+
+
+def _spam_feedback(conn: sqlite3.Connection, row: Row, target: str) -> None:
+    """A move into Spam blocks the sender, a move out of it (but not to Trash) allows
+    the sender: the user's verdict, fed to the inbound spam rules."""
+    roles = {f.folder_id: f.role for f in _folders(conn, row["user_id"])}
+    into = roles.get(target) == common_pb2.FOLDER_ROLE_SPAM
+    out_of = (roles.get(row["folder_id"]) == common_pb2.FOLDER_ROLE_SPAM
+              and roles.get(target) != common_pb2.FOLDER_ROLE_TRASH)
+    sender = str(row["from_email"]).strip().lower()
+    if (into or out_of) and "@" in sender:
+        _put_sender(conn, row["user_id"], common_pb2.SenderListEntry(
+            sender=sender, allow=out_of, source="feedback"))
+
+
+def _put_sender(conn: sqlite3.Connection, user_id: str,
+                entry: common_pb2.SenderListEntry) -> None:
+    conn.execute("INSERT OR REPLACE INTO sender_lists VALUES (?, ?, ?, ?, ?)",
+                 (user_id, entry.sender.strip().lower(), int(entry.allow),
+                  entry.source or "user", time.time()))
+
+
+def _sender_lists(conn: sqlite3.Connection, user_id: str
+                  ) -> list[common_pb2.SenderListEntry]:
+    rows = conn.execute("SELECT sender, allow, source FROM sender_lists WHERE user_id = ? "
+                        "ORDER BY sender", (user_id,)).fetchall()
+    return [common_pb2.SenderListEntry(sender=r["sender"], allow=bool(r["allow"]),
+                                       source=r["source"]) for r in rows]
 
 
 def _attachments(conn: sqlite3.Connection, email_id: str) -> list[common_pb2.Attachment]:
@@ -668,6 +733,8 @@ def _remove(conn: sqlite3.Connection, row: Row) -> None:
     conn.execute("DELETE FROM threads WHERE user_id = ? AND thread_id = ? AND email_key = ?",
                  (user_id, row["thread_id"], row["email_key"]))
     conn.execute("DELETE FROM emails_by_user WHERE user_id = ? AND email_id = ?",
+                 (user_id, email_id))
+    conn.execute("DELETE FROM message_checks WHERE user_id = ? AND email_id = ?",
                  (user_id, email_id))
     # The deliveries row stays: a redelivered job must not bring deleted mail back.
     _count(conn, user_id, row["folder_id"], -1, -int(not row["is_read"]))
@@ -788,6 +855,9 @@ def _store_delivery(conn: sqlite3.Connection, *,
         conn.execute("DELETE FROM blob_orphans WHERE blob_key = ?", (blob_key,))
     conn.execute("INSERT INTO threads VALUES (?, ?, ?, ?)",
                  (user_id, thread_id, row["email_key"], email_id))
+    if request.HasField("checks"):
+        conn.execute("INSERT INTO message_checks VALUES (?, ?, ?)",
+                     (user_id, email_id, request.checks.SerializeToString()))
     conn.execute("INSERT INTO deliveries VALUES (?, ?, ?, ?)",
                  (user_id, request.delivery_key, email_id, time.time()))
     _count(conn, user_id, folder_id, 1, int(not request.is_read))

@@ -259,6 +259,7 @@ class Message(_message.Message):
     IN_REPLY_TO_FIELD_NUMBER: _builtins.int
     REFERENCES_FIELD_NUMBER: _builtins.int
     PARSE_PROBLEMS_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
     email_id: _builtins.str
     folder_id: _builtins.str
     thread_id: _builtins.str
@@ -294,6 +295,12 @@ class Message(_message.Message):
     def parse_problems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """What the parser could not read; the raw message is always kept intact."""
 
+    @_builtins.property
+    def checks(self) -> Global___InboundVerdict:
+        """What the inbound checks found (authentication, spam score, virus scan); unset for
+        mail that did not come through them.
+        """
+
     def __init__(
         self,
         *,
@@ -319,11 +326,132 @@ class Message(_message.Message):
         in_reply_to: _builtins.str = ...,
         references: _abc.Iterable[_builtins.str] | None = ...,
         parse_problems: _abc.Iterable[_builtins.str] | None = ...,
+        checks: Global___InboundVerdict | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["date", b"date", "from", b"from", "received_at", b"received_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "date", b"date", "from", b"from", "received_at", b"received_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "bcc", b"bcc", "blob_key", b"blob_key", "cc", b"cc", "date", b"date", "email_id", b"email_id", "folder_id", b"folder_id", "from", b"from", "html", b"html", "in_reply_to", b"in_reply_to", "is_read", b"is_read", "is_starred", b"is_starred", "message_id", b"message_id", "parse_problems", b"parse_problems", "preview", b"preview", "received_at", b"received_at", "references", b"references", "reply_to", b"reply_to", "size", b"size", "subject", b"subject", "text", b"text", "thread_id", b"thread_id", "to", b"to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "bcc", b"bcc", "blob_key", b"blob_key", "cc", b"cc", "checks", b"checks", "date", b"date", "email_id", b"email_id", "folder_id", b"folder_id", "from", b"from", "html", b"html", "in_reply_to", b"in_reply_to", "is_read", b"is_read", "is_starred", b"is_starred", "message_id", b"message_id", "parse_problems", b"parse_problems", "preview", b"preview", "received_at", b"received_at", "references", b"references", "reply_to", b"reply_to", "size", b"size", "subject", b"subject", "text", b"text", "thread_id", b"thread_id", "to", b"to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Message: _TypeAlias = Message  # noqa: Y015
+
+@_typing.final
+class SpamRule(_message.Message):
+    """One rule of the spam score and what it added (negative for a good sign)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    score: _builtins.float
+    detail: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        score: _builtins.float = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "name", b"name", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpamRule: _TypeAlias = SpamRule  # noqa: Y015
+
+@_typing.final
+class SpamReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCORE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
+    score: _builtins.float
+    threshold: _builtins.float
+    """At or above this score the message is filed in Spam."""
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpamRule]: ...
+    def __init__(
+        self,
+        *,
+        score: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        rules: _abc.Iterable[Global___SpamRule] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rules", b"rules", "score", b"score", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpamReport: _TypeAlias = SpamReport  # noqa: Y015
+
+@_typing.final
+class InboundVerdict(_message.Message):
+    """The inbound checks' result for one delivered copy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHENTICATION_RESULTS_FIELD_NUMBER: _builtins.int
+    SPAM_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    VIRUS_FIELD_NUMBER: _builtins.int
+    authentication_results: _builtins.str
+    """The RFC 8601 Authentication-Results header value, naming our host."""
+    reason: _builtins.str
+    """Why the copy was not filed in the inbox (DMARC policy, spam score, virus); empty if
+    it was.
+    """
+    virus: _builtins.str
+    """The virus the scanner named; empty when clean or not scanned."""
+    @_builtins.property
+    def spam(self) -> Global___SpamReport: ...
+    def __init__(
+        self,
+        *,
+        authentication_results: _builtins.str = ...,
+        spam: Global___SpamReport | None = ...,
+        reason: _builtins.str = ...,
+        virus: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spam", b"spam"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authentication_results", b"authentication_results", "reason", b"reason", "spam", b"spam", "virus", b"virus"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InboundVerdict: _TypeAlias = InboundVerdict  # noqa: Y015
+
+@_typing.final
+class SenderListEntry(_message.Message):
+    """An entry of a user's sender allow/block list: an address or a domain."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENDER_FIELD_NUMBER: _builtins.int
+    ALLOW_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    sender: _builtins.str
+    """"user@domain" or "domain"."""
+    allow: _builtins.bool
+    """True: always trusted (allow list); false: always spam (block list)."""
+    source: _builtins.str
+    """"feedback" (a move into or out of Spam) or "user"."""
+    def __init__(
+        self,
+        *,
+        sender: _builtins.str = ...,
+        allow: _builtins.bool = ...,
+        source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "sender", b"sender", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SenderListEntry: _TypeAlias = SenderListEntry  # noqa: Y015

@@ -570,6 +570,7 @@ class StoreDeliveryRequest(_message.Message):
     PARSED_FIELD_NUMBER: _builtins.int
     RECEIVED_AT_FIELD_NUMBER: _builtins.int
     IS_READ_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     delivery_key: _builtins.str
     """Names this delivery (e.g. queue id and recipient); a repeat returns the first result."""
@@ -583,6 +584,10 @@ class StoreDeliveryRequest(_message.Message):
     def parsed(self) -> Global___ParsedMessage: ...
     @_builtins.property
     def received_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def checks(self) -> _common_pb2.InboundVerdict:
+        """The inbound checks' result, kept with the message."""
+
     def __init__(
         self,
         *,
@@ -594,10 +599,11 @@ class StoreDeliveryRequest(_message.Message):
         parsed: Global___ParsedMessage | None = ...,
         received_at: _timestamp_pb2.Timestamp | None = ...,
         is_read: _builtins.bool = ...,
+        checks: _common_pb2.InboundVerdict | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["parsed", b"parsed", "received_at", b"received_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "parsed", b"parsed", "received_at", b"received_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_key", b"blob_key", "delivery_key", b"delivery_key", "folder_id", b"folder_id", "is_read", b"is_read", "parsed", b"parsed", "received_at", b"received_at", "size", b"size", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_key", b"blob_key", "checks", b"checks", "delivery_key", b"delivery_key", "folder_id", b"folder_id", "is_read", b"is_read", "parsed", b"parsed", "received_at", b"received_at", "size", b"size", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -751,3 +757,88 @@ class GetBlobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetBlobResponse: _TypeAlias = GetBlobResponse  # noqa: Y015
+
+@_typing.final
+class GetSenderListsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSenderListsRequest: _TypeAlias = GetSenderListsRequest  # noqa: Y015
+
+@_typing.final
+class GetSenderListsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.SenderListEntry]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[_common_pb2.SenderListEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSenderListsResponse: _TypeAlias = GetSenderListsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateSenderListRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    ENTRY_FIELD_NUMBER: _builtins.int
+    REMOVE_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    remove: _builtins.bool
+    @_builtins.property
+    def entry(self) -> _common_pb2.SenderListEntry: ...
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        entry: _common_pb2.SenderListEntry | None = ...,
+        remove: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "remove", b"remove", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateSenderListRequest: _TypeAlias = UpdateSenderListRequest  # noqa: Y015
+
+@_typing.final
+class UpdateSenderListResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.SenderListEntry]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[_common_pb2.SenderListEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateSenderListResponse: _TypeAlias = UpdateSenderListResponse  # noqa: Y015

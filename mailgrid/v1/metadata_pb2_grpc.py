@@ -96,6 +96,16 @@ class MetadataServiceStub:
                 request_serializer=mailgrid_dot_v1_dot_metadata__pb2.ListUsersRequest.SerializeToString,
                 response_deserializer=mailgrid_dot_v1_dot_metadata__pb2.ListUsersResponse.FromString,
                 _registered_method=True)
+        self.GetSenderLists = channel.unary_unary(
+                '/mailgrid.v1.MetadataService/GetSenderLists',
+                request_serializer=mailgrid_dot_v1_dot_metadata__pb2.GetSenderListsRequest.SerializeToString,
+                response_deserializer=mailgrid_dot_v1_dot_metadata__pb2.GetSenderListsResponse.FromString,
+                _registered_method=True)
+        self.UpdateSenderList = channel.unary_unary(
+                '/mailgrid.v1.MetadataService/UpdateSenderList',
+                request_serializer=mailgrid_dot_v1_dot_metadata__pb2.UpdateSenderListRequest.SerializeToString,
+                response_deserializer=mailgrid_dot_v1_dot_metadata__pb2.UpdateSenderListResponse.FromString,
+                _registered_method=True)
 
 
 class MetadataServiceServicer:
@@ -185,6 +195,20 @@ class MetadataServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSenderLists(self, request, context):
+        """The user's sender allow/block lists (fed by moves into and out of Spam).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateSenderList(self, request, context):
+        """Adds, changes or (with remove set) removes one entry of the user's lists.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MetadataServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -247,6 +271,16 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     servicer.ListUsers,
                     request_deserializer=mailgrid_dot_v1_dot_metadata__pb2.ListUsersRequest.FromString,
                     response_serializer=mailgrid_dot_v1_dot_metadata__pb2.ListUsersResponse.SerializeToString,
+            ),
+            'GetSenderLists': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSenderLists,
+                    request_deserializer=mailgrid_dot_v1_dot_metadata__pb2.GetSenderListsRequest.FromString,
+                    response_serializer=mailgrid_dot_v1_dot_metadata__pb2.GetSenderListsResponse.SerializeToString,
+            ),
+            'UpdateSenderList': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSenderList,
+                    request_deserializer=mailgrid_dot_v1_dot_metadata__pb2.UpdateSenderListRequest.FromString,
+                    response_serializer=mailgrid_dot_v1_dot_metadata__pb2.UpdateSenderListResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -575,6 +609,60 @@ class MetadataService:
             '/mailgrid.v1.MetadataService/ListUsers',
             mailgrid_dot_v1_dot_metadata__pb2.ListUsersRequest.SerializeToString,
             mailgrid_dot_v1_dot_metadata__pb2.ListUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSenderLists(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailgrid.v1.MetadataService/GetSenderLists',
+            mailgrid_dot_v1_dot_metadata__pb2.GetSenderListsRequest.SerializeToString,
+            mailgrid_dot_v1_dot_metadata__pb2.GetSenderListsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateSenderList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailgrid.v1.MetadataService/UpdateSenderList',
+            mailgrid_dot_v1_dot_metadata__pb2.UpdateSenderListRequest.SerializeToString,
+            mailgrid_dot_v1_dot_metadata__pb2.UpdateSenderListResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,10 @@ class MetadataServiceStub:
     """Files a delivered message into a mailbox. Idempotent on (user_id, delivery_key)."""
     ListUsers: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.ListUsersRequest, _metadata_pb2.ListUsersResponse]
     """Every user, one page at a time, ordered by user id (for rebuilding derived indexes)."""
+    GetSenderLists: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.GetSenderListsRequest, _metadata_pb2.GetSenderListsResponse]
+    """The user's sender allow/block lists (fed by moves into and out of Spam)."""
+    UpdateSenderList: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.UpdateSenderListRequest, _metadata_pb2.UpdateSenderListResponse]
+    """Adds, changes or (with remove set) removes one entry of the user's lists."""
 
 @_typing.type_check_only
 class MetadataServiceAsyncStub(MetadataServiceStub):
@@ -87,6 +91,10 @@ class MetadataServiceAsyncStub(MetadataServiceStub):
     """Files a delivered message into a mailbox. Idempotent on (user_id, delivery_key)."""
     ListUsers: _aio.UnaryUnaryMultiCallable[_metadata_pb2.ListUsersRequest, _metadata_pb2.ListUsersResponse]  # type: ignore[assignment]
     """Every user, one page at a time, ordered by user id (for rebuilding derived indexes)."""
+    GetSenderLists: _aio.UnaryUnaryMultiCallable[_metadata_pb2.GetSenderListsRequest, _metadata_pb2.GetSenderListsResponse]  # type: ignore[assignment]
+    """The user's sender allow/block lists (fed by moves into and out of Spam)."""
+    UpdateSenderList: _aio.UnaryUnaryMultiCallable[_metadata_pb2.UpdateSenderListRequest, _metadata_pb2.UpdateSenderListResponse]  # type: ignore[assignment]
+    """Adds, changes or (with remove set) removes one entry of the user's lists."""
 
 class MetadataServiceServicer(metaclass=_abc_1.ABCMeta):
     """The mailbox store: users, folders, messages and their flags. Every call that reads or
@@ -186,6 +194,22 @@ class MetadataServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_metadata_pb2.ListUsersResponse, _abc.Awaitable[_metadata_pb2.ListUsersResponse]]:
         """Every user, one page at a time, ordered by user id (for rebuilding derived indexes)."""
+
+    @_abc_1.abstractmethod
+    def GetSenderLists(
+        self,
+        request: _metadata_pb2.GetSenderListsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metadata_pb2.GetSenderListsResponse, _abc.Awaitable[_metadata_pb2.GetSenderListsResponse]]:
+        """The user's sender allow/block lists (fed by moves into and out of Spam)."""
+
+    @_abc_1.abstractmethod
+    def UpdateSenderList(
+        self,
+        request: _metadata_pb2.UpdateSenderListRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metadata_pb2.UpdateSenderListResponse, _abc.Awaitable[_metadata_pb2.UpdateSenderListResponse]]:
+        """Adds, changes or (with remove set) removes one entry of the user's lists."""
 
 def add_MetadataServiceServicer_to_server(servicer: MetadataServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

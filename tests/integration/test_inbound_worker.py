@@ -377,3 +377,18 @@ async def test_stop_is_graceful_with_no_work(app_settings: Settings) -> None:
     await app.stop()
     with contextlib.suppress(Exception):
         await app.stop()  # a second stop is harmless
+
+
+async def test_a_job_whose_blob_is_missing_goes_to_dead_while_other_mail_is_filed(
+        delivery: DeliveryApp, client: MetadataClient, js: JetStreamContext) -> None:
+    alice = await client.create_user("alice@example.test", PASSWORD)
+    missing = delivery_pb2.InboundJob(queue_id="Q-missing", blob_key="e" * 64, size=10,
+                                      rcpt_to=["alice@example.test"])
+    await bus.publish(js, bus.INBOUND_SUBJECT, missing.SerializeToString(), "Q-missing")
+    await publish_job(js, client, make_message("Flowing past"), ["alice@example.test"],
+                      "Q-good")
+    (summary,) = await eventually(lambda: inbox(client, alice), "the good job filed")
+    assert summary.subject == "Flowing past"
+    (letter,) = await eventually(lambda: dead_letters(js), "the job in DEAD")
+    assert letter.blob_key == "e" * 64
+    await eventually(lambda: inbound_empty(js), "both jobs settled")

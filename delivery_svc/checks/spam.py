@@ -1,0 +1,136 @@
+"""An explainable spam score: each rule that fires adds a named, documented amount.
+
+The score is the sum of the rules' contributions; at or above the threshold (setting
+``spam_threshold``) the copy goes to Spam. Every contribution is kept on the message
+(InboundVerdict.spam) so the user and the API can see why. The weights are small for
+mere oddities (plenty of legitimate mail lacks a Message-ID) and large only for strong
+signals: failed authentication, a forged local domain, the user's own block list.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from delivery_svc.checks.auth import AuthResults
+from mailgrid.v1 import common_pb2, metadata_pb2
+
+# The user's own lists decide whatever the other rules say.
+LIST_SCORE = 100.0
+
+# Phrases typical of bulk fraud; a match in the subject or the text adds PATTERN_SCORE
+# (once per phrase, at most PATTERN_CAP in all).
+BAD_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (name, re.compile(rx, re.IGNORECASE)) for name, rx in (
+        ("lottery", r"\byou(?:'ve| have)? won\b.{0,40}\b(?:lottery|prize|jackpot)\b"),
+        ("advance_fee", r"\b(?:next of kin|beneficiary)\b.{0,80}\b(?:million|usd|\$)"),
+        ("pharma", r"\b(?:viagra|cialis|cheap meds)\b"),
+        ("crypto_doubler", r"\b(?:double|triple) your (?:bitcoin|btc|crypto)\b"),
+        ("credential_phish", r"\bverify your (?:account|password)\b.{0,60}\b(?:suspend|"
+                             r"locked|within 24 hours)\b"),
+    ))
+PATTERN_SCORE = 2.5
+PATTERN_CAP = 5.0
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    score: float
+    detail: str
+
+
+def sender_verdict(sender: str, entries: Iterable[common_pb2.SenderListEntry]
+                   ) -> common_pb2.SenderListEntry | None:
+    """The list entry matching ``sender``: the address itself before its domain."""
+    sender = sender.lower()
+    domain = sender.rpartition("@")[2]
+    by_sender = {e.sender.lower(): e for e in entries}
+    return by_sender.get(sender) or by_sender.get(domain)
+
+
+def score(parsed: metadata_pb2.ParsedMessage, header_names: set[bytes],
+          auth: AuthResults | None, mail_from: str, local_domains: Iterable[str],
+          lists: Iterable[common_pb2.SenderListEntry], threshold: float,
+          org_domain: Callable[[str], str]) -> common_pb2.SpamReport:
+    """The report for one copy of a message (the lists are its recipient's)."""
+    rules: list[Rule] = []
+    if auth is not None:
+        rules += _auth_rules(auth, local_domains)
+    rules += _header_rules(parsed, header_names, mail_from, org_domain)
+    rules += _pattern_rules(parsed)
+    sender = getattr(parsed, "from").email
+    entry = sender_verdict(sender, lists) if sender else None
+    if entry is not None:
+        how = "allow" if entry.allow else "block"
+        rules.append(Rule(f"sender_{how}_list", -LIST_SCORE if entry.allow else LIST_SCORE,
+                          f"{entry.sender} is on your {how} list ({entry.source})"))
+    total = round(sum(r.score for r in rules), 2)
+    return common_pb2.SpamReport(
+        score=total, threshold=threshold,
+        rules=[common_pb2.SpamRule(name=r.name, score=r.score, detail=r.detail)
+               for r in rules])
+
+
+def _auth_rules(auth: AuthResults, local_domains: Iterable[str]) -> list[Rule]:
+    rules: list[Rule] = []
+    if auth.spf == "fail":
+        rules.append(Rule("spf_fail", 3.0, f"SPF of {auth.spf_domain} says the client may "
+                                           "not send its mail"))
+    elif auth.spf == "softfail":
+        rules.append(Rule("spf_softfail", 1.5, f"SPF of {auth.spf_domain}: probably not "
+                                               "allowed to send"))
+    elif auth.spf == "permerror":
+        rules.append(Rule("spf_permerror", 0.5, f"SPF record of {auth.spf_domain} is "
+                                                "broken"))
+    failed = [d for d in auth.dkim if d.result in ("fail", "permerror")]
+    if failed and not auth.dkim_pass_domains:
+        rules.append(Rule("dkim_invalid", 1.0, f"DKIM signature of {failed[0].domain or '?'}"
+                                               f" {failed[0].result}"))
+    if auth.dmarc == "pass":
+        rules.append(Rule("dmarc_pass", -1.0, f"authenticated as {auth.from_domain}"))
+    elif auth.dmarc == "fail":
+        rules.append(Rule("dmarc_fail", 2.0, f"From {auth.from_domain} not authenticated "
+                                             f"(policy {auth.dmarc_policy})"))
+    local = {d.lower() for d in local_domains}
+    if auth.from_domain in local and auth.dmarc != "pass":
+        rules.append(Rule("local_domain_forged", 3.0,
+                          f"From claims our domain {auth.from_domain} on mail from outside"))
+    return rules
+
+
+def _header_rules(parsed: metadata_pb2.ParsedMessage, header_names: set[bytes],
+                  mail_from: str, org_domain: Callable[[str], str]) -> list[Rule]:
+    rules: list[Rule] = []
+    if b"from" not in header_names:
+        rules.append(Rule("missing_from", 1.5, "no From header (RFC 5322 3.6 requires one)"))
+    if b"date" not in header_names:
+        rules.append(Rule("missing_date", 0.5, "no Date header (RFC 5322 3.6 requires one)"))
+    if b"message-id" not in header_names:
+        rules.append(Rule("missing_message_id", 0.5, "no Message-ID header"))
+    sender = getattr(parsed, "from").email.lower()
+    if sender and mail_from and "@" in sender and "@" in mail_from:
+        header_org = org_domain(sender.rpartition("@")[2])
+        envelope_org = org_domain(mail_from.rpartition("@")[2].lower())
+        if header_org != envelope_org:
+            rules.append(Rule("from_return_path_mismatch", 0.5,
+                              f"From domain {header_org} differs from the envelope "
+                              f"sender's {envelope_org}"))
+    letters = [c for c in parsed.subject if c.isalpha()]
+    if len(letters) >= 12 and all(c.isupper() for c in letters):
+        rules.append(Rule("subject_all_caps", 1.0, "subject written in capitals"))
+    return rules
+
+
+def _pattern_rules(parsed: metadata_pb2.ParsedMessage) -> list[Rule]:
+    text = f"{parsed.subject}\n{parsed.text[:20000]}"
+    rules: list[Rule] = []
+    for name, pattern in BAD_PATTERNS:
+        if sum(r.score for r in rules) >= PATTERN_CAP:
+            break
+        found = pattern.search(text)
+        if found:
+            rules.append(Rule(f"pattern_{name}", PATTERN_SCORE,
+                              f"matches a known spam phrase: {found.group(0)[:60]!r}"))
+    return rules

@@ -1,0 +1,127 @@
+"""The spam rules, DMARC record parsing and the Authentication-Results rendering."""
+
+from __future__ import annotations
+
+import pytest
+
+from delivery_svc.checks import spam
+from delivery_svc.checks.auth import (
+    AuthResults,
+    DkimResult,
+    from_domains,
+    header_names,
+    parse_dmarc,
+)
+from gateway.http_api import message_out
+from mailgrid.mime import parse_message
+from mailgrid.v1 import common_pb2
+from tests.e2e.mail import smtp_wire_form
+from tests.e2e.test_corpus import corpus_messages
+
+LOCAL = ["example.test", "example.org"]
+
+
+def _org(domain: str) -> str:
+    return ".".join(domain.split(".")[-2:])
+
+
+def _score(raw: bytes, auth: AuthResults | None, mail_from: str = "peer@remote.test",
+           lists: list[common_pb2.SenderListEntry] | None = None) -> common_pb2.SpamReport:
+    parsed = parse_message(raw).message
+    return spam.score(parsed, set(header_names(raw)), auth, mail_from, LOCAL,
+                      lists or [], 5.0, _org)
+
+
+def _unauthenticated(raw: bytes) -> AuthResults:
+    """What the checks find for mail whose domains publish nothing (as in the e2e suite)."""
+    domains = from_domains(raw)
+    signed = b"\r\ndkim-signature:" in b"\r\n" + raw.lower()
+    return AuthResults(spf="none", dkim=[DkimResult("permerror", "x.test", "s")]
+                       if signed else [], dmarc="none",
+                       from_domain=domains[0] if len(set(domains)) == 1 else "")
+
+
+def test_no_corpus_message_is_spam_when_its_domains_publish_nothing() -> None:
+    # The corpus round trip (tests/e2e/test_corpus.py) expects all of it in the inbox.
+    for name, data in corpus_messages():
+        raw = smtp_wire_form(data)
+        report = _score(raw, _unauthenticated(raw))
+        assert report.score < report.threshold, (name, report)
+
+
+def test_each_rule_names_its_score_and_reason() -> None:
+    raw = (b"From: IT <it@example.test>\r\nSubject: VERIFY YOUR ACCOUNT NOW PLEASE\r\n\r\n"
+           b"Verify your account within 24 hours or it will be locked.\r\n")
+    auth = AuthResults(spf="fail", spf_domain="evil.test", dmarc="fail",
+                       dmarc_policy="reject", from_domain="example.test")
+    report = _score(raw, auth, mail_from="x@evil.test")
+    rules = {r.name: r.score for r in report.rules}
+    assert rules == {"spf_fail": 3.0, "dmarc_fail": 2.0, "local_domain_forged": 3.0,
+                     "missing_date": 0.5, "missing_message_id": 0.5,
+                     "from_return_path_mismatch": 0.5, "subject_all_caps": 1.0,
+                     "pattern_credential_phish": 2.5}
+    assert report.score == 13.0
+    assert all(r.detail for r in report.rules)
+
+
+def test_allow_list_of_the_domain_outweighs_the_other_rules() -> None:
+    raw = b"From: a@friend.test\r\nSubject: CHEAP VIAGRA FOR EVERYONE\r\n\r\nhi\r\n"
+    entry = common_pb2.SenderListEntry(sender="friend.test", allow=True, source="user")
+    report = _score(raw, None, mail_from="a@friend.test", lists=[entry])
+    assert report.score < 0
+    assert report.rules[-1].name == "sender_allow_list"
+
+
+def test_an_address_entry_wins_over_its_domain_entry() -> None:
+    entries = [common_pb2.SenderListEntry(sender="friend.test", allow=False),
+               common_pb2.SenderListEntry(sender="boss@friend.test", allow=True)]
+    found = spam.sender_verdict("Boss@Friend.test", entries)
+    assert found is not None and found.allow
+
+
+@pytest.mark.parametrize(("record", "expected"), [
+    ("v=DMARC1; p=reject", ("reject", "reject", "r", "r")),
+    ("v=DMARC1; p=quarantine; sp=none; adkim=s; aspf=s", ("quarantine", "none", "s", "s")),
+    ("v=DMARC1;p=none;sp=bogus", ("none", "none", "r", "r")),
+])
+def test_dmarc_records_are_parsed(record: str, expected: tuple[str, ...]) -> None:
+    parsed = parse_dmarc(record, "a.test")
+    assert parsed is not None
+    assert (parsed.policy, parsed.subdomain_policy, parsed.adkim, parsed.aspf) == expected
+
+
+def test_dmarc_record_without_a_valid_policy_is_ignored() -> None:
+    assert parse_dmarc("v=DMARC1; rua=mailto:x@a.test", "a.test") is None
+    assert parse_dmarc("v=DMARC1; p=discard", "a.test") is None
+
+
+def test_authentication_results_follow_rfc_8601() -> None:
+    auth = AuthResults(spf="pass", mail_from="b@a.test", spf_detail="ok (fine)",
+                       dkim=[DkimResult("pass", "a.test", "sel"),
+                             DkimResult("fail", "b.test", "s2", "bad")],
+                       dmarc="pass", dmarc_policy="reject", from_domain="a.test")
+    assert auth.header_value("mx.example.test").split(";\r\n\t") == [
+        "mx.example.test", "spf=pass (ok fine) smtp.mailfrom=b@a.test",
+        "dkim=pass header.d=a.test header.s=sel", "dkim=fail (bad) header.d=b.test header.s=s2",
+        "dmarc=pass (p=reject) header.from=a.test"]
+    null_sender = AuthResults(helo="mx.a.test")
+    assert "spf=none smtp.helo=mx.a.test" in null_sender.header_value("mx")
+
+
+def test_several_from_domains_are_all_found() -> None:
+    raw = b"From: a@one.test, B <b@Two.test>\r\nSubject: x\r\n\r\n"
+    assert from_domains(raw) == ["one.test", "two.test"]
+
+
+def test_the_api_shows_the_checks_of_a_message() -> None:
+    message = common_pb2.Message(email_id="e", checks=common_pb2.InboundVerdict(
+        authentication_results="mx; spf=none", reason="spam score 6 >= 5",
+        spam=common_pb2.SpamReport(score=6, threshold=5, rules=[
+            common_pb2.SpamRule(name="spf_fail", score=3, detail="no")])))
+    out = message_out(message).model_dump(by_alias=True)
+    assert out["authentication_results"] == "mx; spf=none"
+    assert out["spam"] == {"score": 6.0, "threshold": 5.0,
+                           "rules": [{"name": "spf_fail", "score": 3.0, "detail": "no"}]}
+    assert out["filing_reason"] == "spam score 6 >= 5" and out["virus"] is None
+    plain = message_out(common_pb2.Message(email_id="f")).model_dump()
+    assert plain["spam"] is None and plain["authentication_results"] is None
