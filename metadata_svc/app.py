@@ -5,16 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from mailgrid.errors import StorageFull
 from mailgrid.grpcutil import GrpcServer
 from mailgrid.service import configure_logging, run_until_signalled
 from mailgrid.settings import Settings
 from mailgrid.v1 import metadata_pb2_grpc
-from metadata_svc.blobs_fs import FileBlobStore
+from metadata_svc.backends import (
+    blob_store_for,
+    describe_blob_store,
+    describe_metadata_store,
+    open_metadata_store,
+    prepare_blob_store,
+)
 from metadata_svc.events import OutboxPublisher
 from metadata_svc.gc import BlobCollector
+from metadata_svc.ports import MetadataStore
 from metadata_svc.service import BlobServicer, MetadataServicer
-from metadata_svc.store_sqlite import SQLiteMetadataStore
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +27,7 @@ METADATA_SERVICE = "mailgrid.v1.MetadataService"
 BLOB_SERVICE = "mailgrid.v1.BlobService"
 
 
-async def open_store(settings: Settings) -> SQLiteMetadataStore:
+async def open_store(settings: Settings) -> MetadataStore:
     """Opens the metadata store of ``settings`` directly, without the service running.
 
     For the CLI (``mailgrid user add`` while the suite is down): call ``create_user`` on
@@ -30,7 +35,7 @@ async def open_store(settings: Settings) -> SQLiteMetadataStore:
     (busy_timeout waits for it), so this is also safe while the service runs; but the
     running service is the normal way in.
     """
-    return await SQLiteMetadataStore.open(settings.metadata_db_path)
+    return await open_metadata_store(settings)
 
 
 class MetadataApp:
@@ -39,27 +44,24 @@ class MetadataApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.grpc_addr = ""
-        self._store: SQLiteMetadataStore | None = None
-        self.blobs = FileBlobStore(settings.blob_dir)
+        self._store: MetadataStore | None = None
+        self.blobs = blob_store_for(settings)
         self._server: GrpcServer | None = None
         self._publisher: OutboxPublisher | None = None
         self.gc: BlobCollector | None = None
 
     @property
-    def store(self) -> SQLiteMetadataStore:
+    def store(self) -> MetadataStore:
         if self._store is None:
             raise RuntimeError("MetadataApp is not started")
         return self._store
 
     async def start(self) -> None:
         settings = self.settings
-        try:
-            await asyncio.to_thread(settings.blob_dir.mkdir, parents=True, exist_ok=True)
-        except OSError as err:
-            raise StorageFull(f"storage full: cannot create {settings.blob_dir}: "
-                              f"{err.strerror}") from err
+        await prepare_blob_store(self.blobs)
         self._store = await open_store(settings)
-        self._publisher = OutboxPublisher(self._store, settings.nats_url)
+        self._publisher = OutboxPublisher(self._store, settings.nats_url,
+                                          nats_replicas=settings.nats_replicas)
         await self._publisher.start()
         self.gc = BlobCollector(self._store, self.blobs, settings.blob_gc_grace,
                                 settings.blob_gc_interval)
@@ -72,7 +74,7 @@ class MetadataApp:
         self._server = server
         self.grpc_addr = await server.start()
         log.info("metadata_svc serving on %s (db %s, blobs %s)", self.grpc_addr,
-                 settings.metadata_db_path, settings.blob_dir)
+                 describe_metadata_store(settings), describe_blob_store(self.blobs))
 
     async def collect_garbage(self) -> int:
         """Runs one blob GC sweep now (settings.blob_gc_grace applies); returns deletions."""

@@ -32,9 +32,10 @@ class OutboxPublisher:
     """Background task moving outbox rows to JetStream; ``start`` returns at once."""
 
     def __init__(self, store: MetadataStore, nats_url: str, batch: int = 100,
-                 drain_timeout: float = 5.0) -> None:
+                 drain_timeout: float = 5.0, nats_replicas: int = 1) -> None:
         self.store = store
         self.nats_url = nats_url
+        self.nats_replicas = nats_replicas
         self.batch = batch
         self.drain_timeout = drain_timeout
         self._nc: NATS | None = None
@@ -75,7 +76,7 @@ class OutboxPublisher:
         self._nc = nc = await bus.connect(self.nats_url, "metadata_svc-outbox")
         js = nc.jetstream()
         try:
-            await bus.ensure_streams(js)
+            await bus.ensure_streams(js, self.nats_replicas)
         except Exception as err:  # the streams may be managed elsewhere; publish anyway
             log.warning("could not ensure NATS streams: %s", err)
         backoff = 0.1

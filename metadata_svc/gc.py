@@ -59,6 +59,10 @@ class BlobCollector:
         return 0
 
     def start(self) -> None:
+        # interval 0 turns periodic sweeps off: with several metadata_svc instances on
+        # one S3 bucket, one of them sweeps (see metadata_svc/blobs_s3.py).
+        if self.interval <= 0:
+            return
         self._task = asyncio.create_task(self._run(), name="blob-gc")
 
     async def stop(self) -> None:

@@ -96,3 +96,64 @@ def _wait_healthy(port: int, process: subprocess.Popen[bytes], log: Path) -> Non
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for line in dict.fromkeys(_status):
         terminalreporter.write_line(f"search contract: {line}")
+    for port, line in dict.fromkeys(_adapter_status):
+        terminalreporter.write_line(f"{port} contract: {line}")
+
+
+# What the session did about the other ports' adapters: (port, line) for the summary.
+_adapter_status: list[tuple[str, str]] = []
+
+
+def note_adapter(port: str, line: str) -> None:
+    """Records which adapter of a port ran or was skipped, and why (shown at the end)."""
+    _adapter_status.append((port, line))
+
+
+MOTO_BIN = ROOT / ".venv/bin/moto_server"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``HOST:PORT`` of a real S3-API server: moto_server (PyPI moto[server]) started once
+    per session on a free port, or MAILGRID_TEST_S3_ENDPOINT if set."""
+    given = os.environ.get("MAILGRID_TEST_S3_ENDPOINT", "")
+    if given:
+        note_adapter("blob", f"S3 adapter tested against {given} (MAILGRID_TEST_S3_ENDPOINT)")
+        yield given
+        return
+    binary = Path(os.environ.get("MAILGRID_TEST_MOTO_BIN", str(MOTO_BIN)))
+    if not os.access(binary, os.X_OK):
+        reason = f"S3 adapter NOT tested: no moto_server at {binary} (pip install moto[server])"
+        note_adapter("blob", reason)
+        pytest.skip(reason)
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    log = log_path.open("wb")
+    process = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/", process, log_path, "moto_server")
+        note_adapter("blob", f"S3 adapter tested against moto_server ({binary}) on port {port}")
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def _wait_http(url: str, process: subprocess.Popen[bytes], log: Path, name: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{name} exited with {process.returncode}:\n"
+                        f"{log.read_text(errors='replace')[-3000:]}")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    pytest.fail(f"{name} did not answer at {url} in {START_TIMEOUT:.0f}s")

@@ -6,16 +6,22 @@ inherits every test (James's BlobStoreDAOContract pattern).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from mailgrid.errors import NotFound, StorageFull
+from mailgrid.errors import NotFound, StorageFull, Unavailable
+from mailgrid.natsd import free_port
+from mailgrid.settings import Settings
+from metadata_svc.backends import blob_store_for
 from metadata_svc.blobs_fs import FileBlobStore
+from metadata_svc.blobs_s3 import MIN_PART_SIZE, S3BlobStore, S3Location
 from metadata_svc.ports import BlobStore
 
 MiB = 1024 * 1024
@@ -146,3 +152,61 @@ class TestFileBlobStore(BlobStoreContract):
         with pytest.raises(ConnectionError):
             await blobs.put(broken())
         assert blobs.temp_files() == []
+
+
+class TestS3BlobStore(BlobStoreContract):
+    """The S3 adapter against a real S3-API server process (moto_server, see conftest)."""
+
+    @pytest.fixture
+    async def blobs(self, s3_server: str) -> S3BlobStore:
+        store = _s3_store(s3_server, f"blobs-{uuid.uuid4().hex[:12]}")
+        await store.ensure_bucket()
+        return store
+
+    @pytest.fixture
+    def unwritable_blobs(self, s3_server: str) -> S3BlobStore:
+        # A bucket that does not exist (and is not created) takes no bytes: NoSuchBucket.
+        return _s3_store(s3_server, f"missing-{uuid.uuid4().hex[:12]}")
+
+    async def age(self, blobs: BlobStore, key: str, seconds: float) -> None:
+        assert isinstance(blobs, S3BlobStore)
+        await blobs.set_last_write(key, time.time() - seconds)
+
+    async def test_big_blob_is_uploaded_in_parts(self, blobs: S3BlobStore) -> None:
+        data = os.urandom(MIN_PART_SIZE + 1)
+        ref = await blobs.put(_chunks(data, 256 * 1024))
+        stat = await asyncio.to_thread(blobs.client.stat_object, blobs.bucket, ref.key)
+        # A multipart upload's ETag is "<md5 of part md5s>-<number of parts>".
+        assert str(stat.etag).endswith("-2")
+        assert await _read(blobs, ref.key) == data
+
+    async def test_objects_are_named_by_content_only(self, blobs: S3BlobStore) -> None:
+        first = await blobs.put_bytes(b"one")
+        await blobs.put_bytes(b"one")
+        second = await blobs.put(_chunks(b"two" * 1000, 7))
+        names = await asyncio.to_thread(
+            lambda: sorted(o.object_name for o in blobs.client.list_objects(blobs.bucket)))
+        assert names == sorted([first.key, second.key])
+
+    async def test_unreachable_server_raises_unavailable(self) -> None:
+        store = _s3_store(f"127.0.0.1:{free_port()}", "nobody-listens")
+        with pytest.raises(Unavailable):
+            await store.put_bytes(b"lost?")
+        with pytest.raises(Unavailable):
+            await store.exists(hashlib.sha256(b"lost?").hexdigest())
+
+    def test_blob_url_selects_the_adapter(self, tmp_path: Path) -> None:
+        settings = Settings(data_dir=tmp_path,
+                            blob_url="s3://AK:S%2FK@minio.internal:9000/mail?secure=false")
+        store = blob_store_for(settings)
+        assert isinstance(store, S3BlobStore)
+        assert store.location == S3Location("minio.internal:9000", "mail", "AK", "S/K",
+                                            secure=False)
+        assert isinstance(blob_store_for(Settings(data_dir=tmp_path)), FileBlobStore)
+        with pytest.raises(ValueError, match="one bucket"):
+            S3Location.from_url("s3://AK:SK@host:9000/")
+
+
+def _s3_store(endpoint: str, bucket: str) -> S3BlobStore:
+    return S3BlobStore(S3Location(endpoint, bucket, "testing", "testing", secure=False),
+                       part_size=MIN_PART_SIZE, retries=0)
