@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test lint typecheck protos check-protos buf-lint bench readme clean meilisearch
+.PHONY: chromium clamd run test lint typecheck protos check-protos buf-lint bench readme clean meilisearch
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,22 @@ meilisearch: $(MEILI_BIN)
 run: $(STAMP)
 	$(BIN)/mailgrid up
 
-test: $(DEV_STAMP) check-protos buf-lint lint typecheck $(MEILI_BIN)
+# Debian's headless Chromium for the webmail browser tests (Playwright drives it; no
+# `playwright install`). Installed only when missing, and only where apt-get may run
+# (CI runs as root); without it tests/e2e/test_webmail.py skips and says why.
+chromium:
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+		|| echo "chromium could not be installed: the webmail browser tests will skip"
+
+# clamd for the virus-scanning tests (tests/peers/clamd.py), installed only when missing;
+# without it tests/integration/test_virus_scan.py skips and says why.
+clamd:
+	@test -x /usr/sbin/clamd || { [ "$$(id -u)" = 0 ] && apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		clamav-daemon; } || echo "clamd could not be installed: the virus tests will skip"
+
+test: $(DEV_STAMP) check-protos buf-lint lint typecheck $(MEILI_BIN) chromium clamd
 	$(BIN)/pytest -p no:cacheprovider
 
 lint: $(DEV_STAMP)

@@ -48,7 +48,7 @@ class DeliveryApp:
         self._stop = asyncio.Event()
         self._nc = await bus.connect(settings.nats_url, "delivery_svc")
         js = self._nc.jetstream()
-        await bus.ensure_streams(js)
+        await bus.ensure_streams(js, settings.nats_replicas)
         await ensure_consumer(js, settings)
         self._metadata = MetadataClient(settings.metadata_addr)
         workers = [InboundWorker(settings, js, self._metadata, name=f"inbound-{i}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 from collections.abc import Iterator
@@ -21,9 +22,13 @@ from gateway.auth import TokenSigner
 from gateway.http_api import ApiDeps, build_app
 from gateway.http_search import SearchDeps, search_routes
 from gateway.http_send import SendDeps, body_limit, send_routes
+from gateway.http_senders import senders_router
+from gateway.http_session import LoginThrottle, logout_router
+from gateway.revocation import Revocations
 from gateway.smtp import MxListener
 from gateway.submission import SubmissionListener
 from gateway.tls import server_context
+from gateway.webmail import html_router, pages_router
 from gateway.ws import EventsDeps, RealtimeClient, events_router
 from mailgrid import bus
 from mailgrid.clients import DeliveryClient, MetadataClient
@@ -99,6 +104,7 @@ class GatewayApp:
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._grpc: GrpcServer | None = None
+        self.revocations: Revocations | None = None
 
     async def start(self) -> None:
         try:
@@ -110,6 +116,9 @@ class GatewayApp:
     async def _start(self) -> None:
         signer = await asyncio.to_thread(TokenSigner.from_settings, self.settings)
         self.nc = await bus.connect(self.settings.nats_url, "mailgrid-gateway")
+        self.revocations = Revocations(self.settings.token_ttl)
+        await self.revocations.start(self.nc.jetstream())
+        signer = dataclasses.replace(signer, revoked=self.revocations.is_revoked)
         self.metadata = MetadataClient(self.settings.metadata_addr)
         self._health_channel = channel(self.settings.metadata_addr)
 
@@ -125,9 +134,17 @@ class GatewayApp:
         search = search_routes(SearchDeps(self.search))
         self.realtime = RealtimeClient(self.settings.realtime_addr)
         events = events_router(EventsDeps(self.realtime, signer,
-                                          tuple(self.settings.events_allowed_origins)))
+                                          tuple(self.settings.events_allowed_origins),
+                                          revocations=self.revocations))
+        logout = logout_router(signer, self.revocations)
+        throttle = LoginThrottle(self.settings.login_max_failures,
+                                 self.settings.login_failure_window)
         await self._start_http(ApiDeps(self.metadata, signer, self.readiness,
-                                       routers=(events, send, search),
+                                       login_throttle=throttle,
+                                       routers=(logout, events, send, search,
+                                                html_router(self.metadata),
+                                                senders_router(self.metadata)),
+                                       pages=(pages_router(),),
                                        body_limit=body_limit(self.settings)))
         # Last: health says SERVING only once SMTP and HTTP listen.
         self._grpc = GrpcServer(self.settings.gateway_grpc_addr)
@@ -190,6 +207,9 @@ class GatewayApp:
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
             self._grpc = None
+        if self.revocations is not None:
+            await self.revocations.stop()
+            self.revocations = None
         if self.nc is not None:
             with contextlib.suppress(Exception):  # already closed or never connected
                 await self.nc.drain()

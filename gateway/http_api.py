@@ -31,6 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gateway import problems
 from gateway.auth import TokenMissing, TokenSigner
+from gateway.checks_out import SpamOut, checks_fields
+from gateway.filenames import safe_filename
+from gateway.http_session import LoginThrottle, client_ip
 from mailgrid.clients import MetadataClient
 from mailgrid.errors import InvalidArgument, NotFound, Unauthenticated
 from mailgrid.ids import parse_timeuuid
@@ -134,6 +137,11 @@ class MessageOut(BaseModel):
     is_read: bool
     is_starred: bool
     size: int
+    # The inbound checks (gateway/checks_out.py); null for mail that skipped them.
+    authentication_results: str | None = None
+    spam: SpamOut | None = None
+    filing_reason: str | None = None
+    virus: str | None = None
 
 
 class MessagePatch(_Strict):
@@ -201,12 +209,13 @@ def message_out(m: common_pb2.Message) -> MessageOut:
             for a in m.attachments
         ],
         "is_read": m.is_read, "is_starred": m.is_starred, "size": m.size,
+        **checks_fields(m),
     })
 
 
 def content_disposition(filename: str) -> str:
     """``attachment`` with an ASCII fallback name and the exact one (RFC 6266 4.3)."""
-    name = filename.replace("/", "_").replace("\\", "_").strip() or "attachment"
+    name = safe_filename(filename)  # no paths, controls, bidi overrides; bounded
     fallback = _FALLBACK_FILENAME.sub("_", name)
     exact = urllib.parse.quote(name, safe="")
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{exact}"
@@ -250,8 +259,12 @@ class ApiDeps:
     readiness: ReadinessCheck
     # Routers of other modules, mounted under /v1 (e.g. gateway.http_send).
     routers: tuple[APIRouter, ...] = ()
+    # Routers mounted at the root, outside /v1 (the webmail page: gateway.webmail).
+    pages: tuple[APIRouter, ...] = ()
     # (method, path) → a larger body limit than max_body for that route, or None.
     body_limit: Callable[[str, str], int | None] | None = None
+    # Failed-login counts per client IP and address (429 past the limit); None: off.
+    login_throttle: LoginThrottle | None = None
 
 
 _BEARER = HTTPBearer(auto_error=False, description="A token from POST /v1/auth/token")
@@ -287,6 +300,8 @@ def build_app(deps: ApiDeps, max_body: int = MAX_JSON_BODY) -> FastAPI:
     app.include_router(_mail_routes(deps), prefix="/v1")
     for router in deps.routers:
         app.include_router(router, prefix="/v1")
+    for router in deps.pages:
+        app.include_router(router)
     return app
 
 
@@ -315,14 +330,23 @@ def _health_routes(deps: ApiDeps) -> APIRouter:
 def _auth_routes(deps: ApiDeps) -> APIRouter:
     router = APIRouter(tags=["auth"])
 
-    @router.post("/auth/token", responses={401: {"description": "Wrong address or password"}})
-    async def issue_token(body: TokenRequest) -> TokenResponse:
+    @router.post("/auth/token", responses={
+        401: {"description": "Wrong address or password"},
+        429: {"description": "Too many failed logins from this client or for this address"}})
+    async def issue_token(body: TokenRequest, request: Request) -> TokenResponse:
         """Exchanges an address and password for a bearer token."""
+        throttle, ip = deps.login_throttle, client_ip(request)
+        if throttle is not None:
+            throttle.check(ip, body.address)  # 429 before the password is even looked at
         try:
             user = await deps.metadata.authenticate(body.address, body.password)
         except (Unauthenticated, NotFound, InvalidArgument):
+            if throttle is not None:
+                throttle.failed(ip, body.address)
             # One answer for an unknown user and a wrong password: no address oracle.
             raise Unauthenticated("wrong address or password") from None
+        if throttle is not None:
+            throttle.succeeded(body.address)
         return TokenResponse(access_token=deps.signer.issue(user.user_id),
                              expires_in=deps.signer.ttl)
 

@@ -78,9 +78,12 @@ async def connect(url: str, name: str, **options: Any) -> NATS:
 
     ``options`` go to nats.connect as they are (e.g. ``reconnected_cb``).
     """
+    # A cluster is given as several comma-separated URLs (any one is enough to join; the
+    # client learns the others from the server and fails over to them).
+    servers = [part.strip() for part in url.split(",") if part.strip()]
     try:
         return await nats.connect(
-            url,
+            servers,
             name=name,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
@@ -93,16 +96,21 @@ async def connect(url: str, name: str, **options: Any) -> NATS:
 
 
 async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
-    """Creates the streams, or updates their configuration to this version's."""
+    """Creates the streams, or updates their configuration to this version's.
+
+    ``replicas`` (settings.nats_replicas) is the number of cluster nodes keeping each
+    stream; an existing stream is never given fewer than it has, so one instance started
+    with the default of 1 cannot undo a cluster's R3.
+    """
     for spec in STREAMS:
-        config = spec.config(replicas)
         try:
-            await js.stream_info(spec.name)
+            info = await js.stream_info(spec.name)
         except NotFoundError:
-            await js.add_stream(config)
-            log.info("created stream %s", spec.name)
+            await js.add_stream(spec.config(replicas))
+            log.info("created stream %s (%d replica(s))", spec.name, replicas)
         else:
-            await js.update_stream(config)
+            have = info.config.num_replicas or 1
+            await js.update_stream(spec.config(max(replicas, have)))
 
 
 async def publish(js: JetStreamContext, subject: str, payload: bytes, msg_id: str,

@@ -21,7 +21,7 @@ from typing import cast
 from pydantic import ValidationError
 
 import mailgrid
-from mailgrid import queue_cli, reindex_cli, services
+from mailgrid import domain_cli, queue_cli, reindex_cli, services
 from mailgrid.errors import AlreadyExists, InvalidArgument, MailgridError, Unavailable
 from mailgrid.grpcutil import call, channel, wait_healthy
 from mailgrid.launcher import Endpoints, Launcher, pid_alive, read_endpoints
@@ -71,9 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     reindex = commands.add_parser("reindex", help="rebuild the search index from the "
                                   "mailbox store (running suite)")
     reindex_cli.add_arguments(reindex)
+    domain_cli.add_dkim_arguments(commands.add_parser("dkim", help="DKIM signing keys"))
+    domain_cli.add_domain_arguments(commands.add_parser(
+        "domain", help="check a domain's SPF, DKIM and DMARC records"))
     show = commands.add_parser("settings", help="show every setting and its value")
     show.add_argument("--markdown", action="store_true",
                       help="print the documentation table (defaults) instead")
+    commands.add_parser("migrate", help="create or update the metadata schema "
+                        "(SQLite file or ScyllaDB keyspace of MAILGRID_METADATA_DB_URL)")
     commands.add_parser("version", help="print the version")
     return parser
 
@@ -95,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         command: Callable[[argparse.Namespace, Settings], int] = {
             "up": cmd_up, "serve": cmd_serve, "user": cmd_user_add,
             "queue": cmd_queue, "settings": cmd_settings, "version": cmd_version,
-            "reindex": reindex_cli.cmd_reindex,
+            "reindex": reindex_cli.cmd_reindex, "migrate": cmd_migrate,
+            "dkim": domain_cli.cmd_dkim, "domain": domain_cli.cmd_domain,
         }[args.command]
         return command(args, settings)
     except ValidationError as err:
@@ -107,6 +113,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mailgrid: interrupted", file=sys.stderr)
     return 1
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from metadata_svc.backends import migrate
+
+    for statement in asyncio.run(migrate(settings)):
+        print(statement)
+    return 0
 
 
 # up / serve ----------------------------------------------------------------------------

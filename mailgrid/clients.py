@@ -130,6 +130,18 @@ class MetadataClient:
                              ) -> metadata_pb2.StoreDeliveryResponse:
         return await call(self._meta.StoreDelivery(req, timeout=self.timeout))
 
+    async def sender_lists(self, user_id: str) -> list[common_pb2.SenderListEntry]:
+        req = metadata_pb2.GetSenderListsRequest(user_id=user_id)
+        reply = await call(self._meta.GetSenderLists(req, timeout=self.timeout))
+        return list(reply.entries)
+
+    async def update_sender_list(self, user_id: str, entry: common_pb2.SenderListEntry,
+                                 remove: bool = False) -> list[common_pb2.SenderListEntry]:
+        req = metadata_pb2.UpdateSenderListRequest(user_id=user_id, entry=entry,
+                                                   remove=remove)
+        reply = await call(self._meta.UpdateSenderList(req, timeout=self.timeout))
+        return list(reply.entries)
+
     # blobs
 
     async def put_blob(self, data: bytes | Iterable[bytes]) -> metadata_pb2.PutBlobResponse:

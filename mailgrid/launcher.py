@@ -366,7 +366,7 @@ class Launcher:
         except Unavailable as err:
             raise LauncherError(err.detail) from err
         try:
-            await bus.ensure_streams(nc.jetstream())
+            await bus.ensure_streams(nc.jetstream(), self.settings.nats_replicas)
         finally:
             await nc.close()
 

@@ -49,7 +49,10 @@ class Settings(BaseSettings):
     # Name used in the SMTP banner and in Received headers.
     hostname: str = ""
     # An existing NATS server; when empty, `mailgrid up` starts one under data_dir.
+    # Several URLs of one cluster: nats://h1:4222,nats://h2:4222.
     nats_url: str = ""
+    # Replicas of each JetStream stream (3 on a 3-node cluster; never lowered once set).
+    nats_replicas: int = 1
     # gRPC listener of metadata_svc; port 0 picks a free one (the launcher passes it on).
     metadata_addr: str = "127.0.0.1:0"
     # gRPC listener of delivery_svc.
@@ -74,9 +77,16 @@ class Settings(BaseSettings):
     search_batch: int = 256
     # gRPC listener of the gateway (health and reflection only).
     gateway_grpc_addr: str = "127.0.0.1:0"
-    # Metadata database; sqlite:///PATH (default: data_dir/metadata.db).
+    # Metadata database; sqlite:///PATH (default: data_dir/metadata.db) or
+    # scylla://HOST[:PORT][,HOST...]/KEYSPACE[?dc=LOCAL_DC] (pip install 'mailgrid[scylla]').
     metadata_db_url: str = ""
-    # Blob store; file:///PATH (default: data_dir/blobs).
+    # ScyllaDB consistency level of reads and writes (LWTs use LOCAL_SERIAL).
+    scylla_consistency: str = "LOCAL_QUORUM"
+    # Replication of the keyspace `mailgrid migrate` creates: replication_factor=N or
+    # DC=N,DC=N (NetworkTopologyStrategy).
+    scylla_replication: str = "replication_factor=3"
+    # Blob store; file:///PATH (default: data_dir/blobs) or
+    # s3://ACCESS:SECRET@HOST:PORT/BUCKET?secure=false (MinIO or any S3; bucket created).
     blob_url: str = ""
     # Largest message accepted over SMTP, in bytes (advertised with SIZE).
     max_message_size: int = 25 * MiB
@@ -87,6 +97,16 @@ class Settings(BaseSettings):
     max_recipients: int = 100
     # More Received headers than this means a mail loop (RFC 5321 6.3).
     max_received_headers: int = 50
+    # Seconds an SMTP client may stay silent (or drip a command) before 421 4.4.2 and
+    # close (RFC 5321 4.5.3.2.7 asks for at least 5 minutes).
+    smtp_idle_timeout: float = 300.0
+    # Seconds a whole DATA transfer may take, however slowly it trickles in.
+    smtp_data_timeout: float = 600.0
+    # Error replies in one SMTP session before 421 4.7.0 and close (Postfix
+    # smtpd_hard_error_limit).
+    smtp_max_errors: int = 20
+    # Simultaneous SMTP connections per client IP, per listener; more get 421 4.7.0.
+    smtp_max_connections_per_ip: int = 20
     # MIME parsing limits: deeper or larger structures are kept raw, not parsed further.
     mime_max_depth: int = 50
     mime_max_parts: int = 1000
@@ -102,15 +122,26 @@ class Settings(BaseSettings):
     inbound_retry_max_delay: float = 300.0
     # Seconds a worker may hold a job without acking before NATS redelivers it.
     inbound_ack_wait: float = 60.0
+    # SPF/DKIM/DMARC checks of mail from the MX (DNS via outbound_nameserver).
+    inbound_auth_checks: bool = True
+    # Spam score at or above which inbound mail is filed in Spam.
+    spam_threshold: float = 5.0
+    # clamd to scan inbound mail with: a unix socket path or HOST:PORT; empty: no scan.
+    clamd_address: str = ""
     # Secret that signs access tokens; generated into data_dir when empty.
     token_secret: str = ""
     # Lifetime of an access token, in seconds.
     token_ttl: int = 3600
+    # Failed HTTP logins per client IP, and per address, within the window before
+    # POST /v1/auth/token answers 429 (0: no limit).
+    login_max_failures: int = 10
+    # Seconds a failed HTTP login counts against its client IP and address.
+    login_failure_window: float = 300.0
     # Seconds an unreferenced blob is kept before it is deleted: in-flight deliveries may
     # still reference it, and a queued remote message may be held only by its OUTBOUND
     # job, so keep this above outbound_max_lifetime.
     blob_gc_grace: float = 6 * 24 * 3600.0
-    # Seconds between blob garbage-collection sweeps.
+    # Seconds between blob garbage-collection sweeps; 0 turns sweeps off in this instance.
     blob_gc_interval: float = 300.0
     # Outbound worker tasks per delivery_svc process: each holds one SMTP connection.
     outbound_workers: int = 4

@@ -48,7 +48,7 @@ class RealtimeApp:
                                      reconnected_cb=self._reconnected)
         js = self._nc.jetstream()
         # Also turns on the EVENTS stream's republishing on a store made by an older version.
-        await bus.ensure_streams(js)
+        await bus.ensure_streams(js, settings.nats_replicas)
         self.hub = Hub(self._nc, EventStream(js), settings.realtime_session_buffer)
         server = GrpcServer(settings.realtime_addr)
         server.add(realtime_pb2_grpc.add_RealtimeServiceServicer_to_server,

@@ -80,7 +80,7 @@ class SearchApp:
         self._stop = asyncio.Event()
         self._nc = await bus.connect(settings.nats_url, "search_svc")
         js = self._nc.jetstream()
-        await bus.ensure_streams(js)
+        await bus.ensure_streams(js, settings.nats_replicas)
         self._metadata = MetadataClient(settings.metadata_addr)
         self.indexer = Indexer(self.index, js, self._metadata, batch=settings.search_batch)
         await self.indexer.subscribe()
