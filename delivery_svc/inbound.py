@@ -23,7 +23,6 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-import nats.errors
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -141,28 +140,18 @@ class InboundWorker:
         if self._sub is None:
             await self.subscribe()
         assert self._sub is not None
-        while not stop.is_set():
-            try:
-                msgs = await self._sub.fetch(1, timeout=FETCH_TIMEOUT)
-            except nats.errors.TimeoutError:
-                continue
-            except Exception as err:  # NATS reconnecting, or closed under us
-                if stop.is_set():
-                    break
-                log.warning("%s: fetch failed: %s", self.name, err)
-                await _sleep_unless(stop, 1.0)
-                continue
+        async for msgs in bus.fetch_until(self._sub, stop, batch=1, timeout=FETCH_TIMEOUT,
+                                          name=self.name):
             for msg in msgs:
                 try:
                     pause = await self.handle(msg)
                 except Exception:  # e.g. the ack was lost with the connection: NATS
                     # redelivers after ack_wait and the delivery key keeps it single.
-                    log.exception("%s: could not settle message %s", self.name, _seq(msg))
+                    log.exception("%s: could not settle message %s", self.name,
+                                  bus.stream_seq(msg))
                     pause = 1.0
                 if pause:  # a dependency is down: let it recover before the next job
-                    await _sleep_unless(stop, pause)
-        with contextlib.suppress(Exception):
-            await self._sub.unsubscribe()
+                    await bus.sleep_unless(stop, pause)
 
     async def handle(self, msg: Msg) -> float:
         """Processes one message and settles it; returns seconds to pause fetching."""
@@ -170,7 +159,7 @@ class InboundWorker:
         try:
             job = decode_job(msg.data)
         except PoisonJob as err:
-            log.error("%s: poison message %s: %s", self.name, _seq(msg), err)
+            log.error("%s: poison message %s: %s", self.name, bus.stream_seq(msg), err)
             await self._give_up(msg, str(err), attempts, err.blob_key)
             return 0.0
         keepalive = asyncio.create_task(self._keep_alive(msg))
@@ -309,13 +298,13 @@ class InboundWorker:
         try:
             await msg.nak(delay=delay)
         except Exception as err:  # lost connection: NATS redelivers after ack_wait anyway
-            log.warning("%s: could not nak %s: %s", self.name, _seq(msg), err)
+            log.warning("%s: could not nak %s: %s", self.name, bus.stream_seq(msg), err)
         return delay
 
     async def _give_up(self, msg: Msg, reason: str, attempts: int, blob_key: str) -> None:
         """Moves the whole message to DEAD, then terminates it (nak if DEAD is unreachable)."""
         letter = _dead_letter(msg, msg.data, reason, attempts, blob_key)
-        if await self._publish_dead(letter, f"dead-inbound-{_seq(msg)}"):
+        if await self._publish_dead(letter, f"dead-inbound-{bus.stream_seq(msg)}"):
             await msg.term()
         else:
             await self._nak(msg, attempts)
@@ -361,13 +350,3 @@ def _attempts(msg: Msg) -> int:
         return 1
 
 
-def _seq(msg: Msg) -> str:
-    try:
-        return str(msg.metadata.sequence.stream)
-    except Exception:
-        return "?"
-
-
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)

@@ -29,7 +29,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import nats.errors
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -198,36 +197,26 @@ class OutboundWorker:
         if self._sub is None:
             await self.subscribe()
         assert self._sub is not None
-        while not stop.is_set():
-            try:
-                msgs = await self._sub.fetch(1, timeout=FETCH_TIMEOUT)
-            except nats.errors.TimeoutError:
-                continue
-            except Exception as err:  # NATS reconnecting, or closed under us
-                if stop.is_set():
-                    break
-                log.warning("%s: fetch failed: %s", self.name, err)
-                await _sleep_unless(stop, 1.0)
-                continue
+        async for msgs in bus.fetch_until(self._sub, stop, batch=1, timeout=FETCH_TIMEOUT,
+                                          name=self.name):
             for msg in msgs:
                 try:
                     pause = await self.handle(msg)
                 except Exception:  # the ack was lost: NATS redelivers after ack_wait
-                    log.exception("%s: could not settle message %s", self.name, _seq(msg))
+                    log.exception("%s: could not settle message %s", self.name,
+                                  bus.stream_seq(msg))
                     pause = 1.0
-                if pause:
-                    await _sleep_unless(stop, pause)
-        with contextlib.suppress(Exception):
-            await self._sub.unsubscribe()
+                if pause:  # a dependency is down: let it recover before the next job
+                    await bus.sleep_unless(stop, pause)
 
     async def handle(self, msg: Msg) -> float:
         """Delivers one job and settles its message; returns seconds to pause fetching."""
         try:
             job = decode_job(msg.data)
         except PoisonJob as err:
-            log.error("%s: poison message %s: %s", self.name, _seq(msg), err)
+            log.error("%s: poison message %s: %s", self.name, bus.stream_seq(msg), err)
             letter = _dead_letter(msg.subject, msg.data, str(err), _delivered(msg), "")
-            if await self._publish_dead(letter, f"dead-outbound-seq-{_seq(msg)}"):
+            if await self._publish_dead(letter, f"dead-outbound-seq-{bus.stream_seq(msg)}"):
                 await msg.term()
             else:
                 await msg.nak(delay=DEPENDENCY_RETRY)
@@ -487,16 +476,6 @@ def _stream_seq(msg: Msg) -> int:
     return int(msg.metadata.sequence.stream)
 
 
-def _seq(msg: Msg) -> str:
-    try:
-        return str(msg.metadata.sequence.stream)
-    except Exception:
-        return "?"
-
-
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 async def start_workers(settings: Settings, js: JetStreamContext, metadata: MetadataClient,

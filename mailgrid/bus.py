@@ -6,12 +6,17 @@ mailbox changes for a while, DEAD keeps what could not be done for an operator.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import nats
+import nats.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RePublish, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
@@ -122,3 +127,43 @@ async def publish(js: JetStreamContext, subject: str, payload: bytes, msg_id: st
     except Exception as err:  # timeouts, no responders, connection loss
         raise Unavailable(f"could not publish to {subject}: {err}") from err
     return int(ack.seq)
+
+
+async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    """Sleeps ``seconds``, or less if ``stop`` is set meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+def stream_seq(msg: Msg) -> str:
+    """The stream sequence of a JetStream message, for logs ("?" if it has none)."""
+    try:
+        return str(msg.metadata.sequence.stream)
+    except Exception:
+        return "?"
+
+
+async def fetch_until(sub: JetStreamContext.PullSubscription, stop: asyncio.Event, *,
+                      batch: int, timeout: float, name: str) -> AsyncIterator[list[Msg]]:
+    """Yields each non-empty batch a pull subscription fetches until ``stop`` is set.
+
+    Idle fetches (a timeout, or an empty batch) and NATS reconnects are ridden out here,
+    so a worker only sees work; the subscription is dropped at the end.
+    """
+    try:
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(batch, timeout=timeout)
+            except nats.errors.TimeoutError:
+                continue
+            except Exception as err:  # NATS reconnecting, or closed under us
+                if stop.is_set():
+                    break
+                log.warning("%s: fetch failed: %s", name, err)
+                await sleep_unless(stop, 1.0)
+                continue
+            if msgs:
+                yield msgs
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()

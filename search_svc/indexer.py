@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 
-import nats.errors
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -111,21 +110,9 @@ class Indexer:
         if self._sub is None:
             await self.subscribe()
         assert self._sub is not None
-        while not stop.is_set():
-            try:
-                msgs = await self._sub.fetch(self.batch, timeout=FETCH_TIMEOUT)
-            except nats.errors.TimeoutError:
-                continue
-            except Exception as err:  # NATS reconnecting, or closed under us
-                if stop.is_set():
-                    break
-                log.warning("fetching events failed: %s", err)
-                await _sleep_unless(stop, 1.0)
-                continue
-            if msgs:  # a fetch of a batch may return nothing instead of timing out
-                await self._settle(msgs, stop)
-        with contextlib.suppress(Exception):
-            await self._sub.unsubscribe()
+        async for msgs in bus.fetch_until(self._sub, stop, batch=self.batch,
+                                          timeout=FETCH_TIMEOUT, name="indexer"):
+            await self._settle(msgs, stop)
 
     async def _settle(self, msgs: list[Msg], stop: asyncio.Event) -> None:
         """Applies one batch, retrying (in order) until it is applied or we stop."""
@@ -144,7 +131,7 @@ class Indexer:
                 for msg in msgs:
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
-                await _sleep_unless(stop, backoff)
+                await bus.sleep_unless(stop, backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
         for msg in msgs:
             try:
@@ -221,8 +208,4 @@ def _decode(msg: Msg) -> events_pb2.MailEvent | None:
 def _seq(msg: Msg) -> int:
     return int(msg.metadata.sequence.stream)
 
-
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
 
