@@ -1,10 +1,12 @@
 """Inbound runner: files each accepted SMTP transaction into its recipients' mailboxes.
 
-A durable JetStream pull consumer on INBOUND. For each job: fetch the raw message from
-the blob store, parse it (mailgrid.mime never fails), store the attachments' bytes
-(content-addressed), then one StoreDelivery per recipient, idempotent on
-``queue_id:recipient`` so a redelivered job never duplicates mail. The job is acked only
-after every recipient is stored.
+A durable JetStream pull consumer on INBOUND, taken in batches. For each job: its raw
+message (carried in the job when small, else fetched from the blob store), parsed
+(mailgrid.mime never fails), then one copy per recipient, idempotent on
+``queue_id:recipient`` so a redelivered job never duplicates mail. The copies of a batch
+go to metadata_svc in one StoreDeliveries call with the bytes they carry (raw messages
+and attachments, content-addressed), so a batch costs one group commit of blobs and one
+transaction. A job is acked only after every recipient is stored.
 
 Outcomes map to acks (DESIGN.md, nats.py examples):
 - all stored → ack();
@@ -12,15 +14,18 @@ Outcomes map to acks (DESIGN.md, nats.py examples):
   an exponentially growing delay;
 - a recipient that does not exist → a DeadLetter for that recipient, the others stored;
 - the last allowed delivery failing, or a payload that cannot be read → DeadLetter on
-  mail.dead.inbound (the raw bytes stay in the blob store), then term(). Nothing is ever
-  dropped: if even the DeadLetter cannot be published, the job is nak'ed instead.
+  mail.dead.inbound (the raw bytes stay in the blob store or in the job), then term().
+  Nothing is ever dropped: if even the DeadLetter cannot be published, the job is
+  nak'ed instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
@@ -40,8 +45,9 @@ from mailgrid.errors import (
     Unavailable,
 )
 from mailgrid.filing import parse_raw, store_attachments
-from mailgrid.mime import ParsedEmail
+from mailgrid.mime import ParsedEmail, iter_attachments
 from mailgrid.settings import Settings
+from mailgrid.usercache import UserCache
 from mailgrid.v1 import common_pb2, delivery_pb2, metadata_pb2
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,9 @@ DURABLE = "inbound-workers"
 DEAD_SUBJECT = f"{bus.DEAD_PREFIX}.inbound"
 # Seconds one fetch waits for a job; bounds how long a stop waits for an idle worker.
 FETCH_TIMEOUT = 1.0
+# Bytes of raw messages and attachments one StoreDeliveries call carries at most (well
+# under the 16 MiB gRPC message limit); a fuller batch is stored in several calls.
+BATCH_BYTES = 8 * 1024 * 1024
 
 
 class PoisonJob(Exception):
@@ -72,6 +81,56 @@ class Report:
     stored: list[str] = field(default_factory=list)
     permanent: list[tuple[str, str]] = field(default_factory=list)
     temporary: list[tuple[str, MailgridError]] = field(default_factory=list)
+
+
+@dataclass
+class Filing:
+    """One job of a batch: its copies waiting in the batch, and what became of them."""
+
+    msg: Msg
+    job: delivery_pb2.InboundJob
+    attempts: int
+    report: Report = field(default_factory=Report)
+    # (recipient, index of its copy in Batch.deliveries)
+    pending: list[tuple[str, int]] = field(default_factory=list)
+    # Why the whole job can never be filed (e.g. its raw message is gone).
+    failed: str = ""
+
+
+class Batch:
+    """The copies of the jobs filed together, and the bytes they carry (each once)."""
+
+    def __init__(self) -> None:
+        self.blobs: list[bytes] = []
+        self.deliveries: list[metadata_pb2.BatchedDelivery] = []
+        self.size = 0
+        self._keys: list[str] = []
+        self._index: dict[str, int] = {}
+        self._filings: list[Filing] = []
+        # Each recipient's sender allow/block lists, as read for this batch.
+        self.sender_lists: dict[str, list[common_pb2.SenderListEntry]] = {}
+
+    def add_blob(self, data: bytes) -> int:
+        key = hashlib.sha256(data).hexdigest()
+        if key not in self._index:
+            self._index[key] = len(self.blobs)
+            self.blobs.append(data)
+            self._keys.append(key)
+            self.size += len(data)
+        return self._index[key]
+
+    def blob_key(self, index: int) -> str:
+        """The content address the blob store gives blobs[index] (its sha256)."""
+        return self._keys[index]
+
+    def add_filing(self, filing: Filing) -> None:
+        self._filings.append(filing)
+
+    def owners(self) -> Iterator[tuple[Filing, str, int]]:
+        """(job, recipient, index in deliveries) of every copy in the batch."""
+        for filing in self._filings:
+            for rcpt, index in filing.pending:
+                yield filing, rcpt, index
 
 
 def consumer_config(settings: Settings) -> ConsumerConfig:
@@ -106,7 +165,7 @@ def decode_job(data: bytes) -> delivery_pb2.InboundJob:
     except (DecodeError, ValueError) as err:
         raise PoisonJob(f"payload is not an InboundJob: {err}") from err
     missing = [name for name, value in (("queue_id", job.queue_id),
-                                        ("blob_key", job.blob_key),
+                                        ("blob_key or raw", job.blob_key or job.raw),
                                         ("rcpt_to", list(job.rcpt_to))) if not value]
     if missing:
         raise PoisonJob(f"InboundJob without {', '.join(missing)}", job.blob_key)
@@ -115,6 +174,11 @@ def decode_job(data: bytes) -> delivery_pb2.InboundJob:
 
 def delivery_key(queue_id: str, rcpt: str) -> str:
     return f"{queue_id}:{rcpt.lower()}"
+
+
+def _refusal(rcpt: str, err: MailgridError) -> str:
+    return (f"unknown recipient <{rcpt}>" if isinstance(err, NotFound)
+            else f"recipient <{rcpt}> refused: {err.detail}")
 
 
 class InboundWorker:
@@ -126,6 +190,7 @@ class InboundWorker:
         self.checks = checks or InboundChecks(settings)
         self.js = js
         self.metadata = metadata
+        self.users = UserCache(metadata)
         self.name = name
         self._sub: JetStreamContext.PullSubscription | None = None
 
@@ -136,52 +201,161 @@ class InboundWorker:
             raise Unavailable(f"cannot bind to consumer {DURABLE}: {err}") from err
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Fetches and handles jobs until ``stop`` is set; the job in hand is finished."""
+        """Fetches and files batches of jobs until ``stop`` is set; the batch in hand is
+        finished."""
         if self._sub is None:
             await self.subscribe()
         assert self._sub is not None
-        async for msgs in bus.fetch_until(self._sub, stop, batch=1, timeout=FETCH_TIMEOUT,
-                                          name=self.name):
-            for msg in msgs:
-                try:
-                    pause = await self.handle(msg)
-                except Exception:  # e.g. the ack was lost with the connection: NATS
-                    # redelivers after ack_wait and the delivery key keeps it single.
-                    log.exception("%s: could not settle message %s", self.name,
-                                  bus.stream_seq(msg))
-                    pause = 1.0
-                if pause:  # a dependency is down: let it recover before the next job
-                    await bus.sleep_unless(stop, pause)
+        async for msgs in bus.fetch_until(self._sub, stop, batch=self.settings.inbound_batch,
+                                          timeout=FETCH_TIMEOUT, name=self.name):
+            try:
+                pause = await self.handle(msgs)
+            except Exception:  # e.g. an ack lost with the connection: NATS redelivers
+                # after ack_wait and the delivery keys keep every copy single.
+                log.exception("%s: could not settle a batch of %d", self.name, len(msgs))
+                pause = 1.0
+            if pause:  # a dependency is down: let it recover before the next batch
+                await bus.sleep_unless(stop, pause)
 
-    async def handle(self, msg: Msg) -> float:
-        """Processes one message and settles it; returns seconds to pause fetching."""
+    async def handle(self, msgs: list[Msg]) -> float:
+        """Files a batch of jobs, then settles each; returns seconds to pause fetching.
+
+        Jobs that arrive together are filed together: their raw messages and attachments
+        travel in one StoreDeliveries call, which makes them durable with one group commit
+        and files every copy in one transaction. Each job is still settled on its own.
+        """
+        keepalive = asyncio.create_task(self._keep_alive(msgs))
+        try:
+            filings: list[Filing] = []
+            batch = Batch()
+            for msg in msgs:
+                filing = await self._prepare(msg, batch)
+                if filing is not None:
+                    filings.append(filing)
+                if batch.size >= BATCH_BYTES:
+                    await self._store(batch)
+                    batch = Batch()
+            await self._store(batch)
+            pause = 0.0
+            for filing in filings:
+                pause = max(pause, await self._settle(filing))
+            return pause
+        finally:
+            keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keepalive
+
+    async def _prepare(self, msg: Msg, batch: Batch) -> Filing | None:
+        """Reads, parses and checks one job and adds its copies to ``batch``; None for a
+        poison message (dead-lettered at once)."""
         attempts = _attempts(msg)
         try:
             job = decode_job(msg.data)
         except PoisonJob as err:
             log.error("%s: poison message %s: %s", self.name, bus.stream_seq(msg), err)
             await self._give_up(msg, str(err), attempts, err.blob_key)
-            return 0.0
-        keepalive = asyncio.create_task(self._keep_alive(msg))
+            return None
+        filing = Filing(msg, job, attempts)
+        batch.add_filing(filing)
         try:
-            return await self._settle(msg, job, attempts)
-        finally:
-            keepalive.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keepalive
-
-    async def _settle(self, msg: Msg, job: delivery_pb2.InboundJob, attempts: int) -> float:
-        try:
-            report = await self.deliver(job)
+            await self._add_copies(filing, batch)
         except JobFailed as err:
-            await self._give_up(msg, str(err), attempts, job.blob_key)
-            return 0.0
+            filing.failed = str(err)
         except MailgridError as err:
-            report = Report(temporary=[(rcpt, err) for rcpt in job.rcpt_to])
+            filing.report = Report(temporary=[(rcpt, err) for rcpt in job.rcpt_to])
+            filing.pending.clear()
         except Exception as err:  # a bug must not lose mail or kill the worker
             log.exception("%s: job %s failed", self.name, job.queue_id)
-            report = Report(temporary=[(rcpt, MailgridError(repr(err)))
-                                       for rcpt in job.rcpt_to])
+            filing.report = Report(temporary=[(rcpt, MailgridError(repr(err)))
+                                              for rcpt in job.rcpt_to])
+            filing.pending.clear()
+        return filing
+
+    async def _add_copies(self, filing: Filing, batch: Batch) -> None:
+        """One StoreDeliveryRequest per recipient into ``batch``; refusals in the report."""
+        job = filing.job
+        raw = await self._raw(job)
+        parsed = await parse_raw(self.settings, raw)
+        checks = await self.checks.evaluate(job, raw)
+        blob_index = 0
+        if job.blob_key:  # a large message: its bytes and attachments stream separately
+            await store_attachments(self.metadata, parsed)
+        else:
+            blob_index = batch.add_blob(raw)
+            for attachment, data in iter_attachments(parsed):
+                attachment.blob_key = batch.blob_key(batch.add_blob(data))
+        del raw
+        seen_users: set[str] = set()
+        for rcpt in job.rcpt_to:
+            try:
+                request = await self._request(job, rcpt, parsed, seen_users, checks, batch)
+            except (NotFound, InvalidArgument) as err:
+                filing.report.permanent.append((rcpt, _refusal(rcpt, err)))
+            except MailgridError as err:
+                filing.report.temporary.append((rcpt, err))
+            else:
+                if request is not None:
+                    filing.pending.append((rcpt, len(batch.deliveries)))
+                    batch.deliveries.append(metadata_pb2.BatchedDelivery(
+                        request=request, blob_index=blob_index))
+
+    async def _raw(self, job: delivery_pb2.InboundJob) -> bytes:
+        if not job.blob_key:
+            return job.raw
+        try:
+            return await self.metadata.get_blob(job.blob_key)
+        except NotFound as err:
+            raise JobFailed(f"raw message {job.blob_key} is not in the blob store") from err
+
+    async def _request(self, job: delivery_pb2.InboundJob, rcpt: str, parsed: ParsedEmail,
+                       seen_users: set[str], checks: JobChecks, batch: Batch
+                       ) -> metadata_pb2.StoreDeliveryRequest | None:
+        """One recipient's copy to store (None if its mailbox has one already)."""
+        user = await self.users.by_address(rcpt)
+        if user.user_id in seen_users:
+            return None  # two addresses of one mailbox: one copy
+        seen_users.add(user.user_id)
+        lists = await self._sender_lists(user.user_id, batch) if checks.external else []
+        folder, verdict = self.checks.decide(checks, parsed.message, lists)
+        if checks.virus:
+            await self._notify_virus(job, rcpt, user.user_id, parsed, checks.virus)
+        request = metadata_pb2.StoreDeliveryRequest(
+            user_id=user.user_id, delivery_key=delivery_key(job.queue_id, rcpt),
+            folder_id=folder, blob_key=job.blob_key, size=job.size,
+            parsed=parsed.message, checks=verdict)
+        if job.HasField("received_at"):
+            request.received_at.CopyFrom(job.received_at)
+        return request
+
+    async def _store(self, batch: Batch) -> None:
+        """Stores the batch and records each copy's outcome in its job's report."""
+        if not batch.deliveries:
+            return
+        outcomes: list[metadata_pb2.StoreDeliveryResponse | MailgridError]
+        try:
+            outcomes = await self.metadata.store_deliveries(metadata_pb2.StoreDeliveriesRequest(
+                blobs=batch.blobs, deliveries=batch.deliveries))
+        except MailgridError as err:
+            outcomes = [err] * len(batch.deliveries)
+        except Exception as err:
+            log.exception("%s: storing a batch failed", self.name)
+            outcomes = [MailgridError(repr(err))] * len(batch.deliveries)
+        for filing, rcpt, index in batch.owners():
+            outcome = outcomes[index]
+            if isinstance(outcome, NotFound | InvalidArgument):
+                filing.report.permanent.append((rcpt, _refusal(rcpt, outcome)))
+            elif isinstance(outcome, MailgridError):
+                filing.report.temporary.append((rcpt, outcome))
+            else:
+                filing.report.stored.append(rcpt)
+                log.debug("%s: %s → %s email %s (new: %s)", self.name, filing.job.queue_id,
+                          rcpt, outcome.email_id, outcome.created)
+
+    async def _settle(self, filing: Filing) -> float:
+        msg, job, attempts, report = filing.msg, filing.job, filing.attempts, filing.report
+        if filing.failed:
+            await self._give_up(msg, filing.failed, attempts, job.blob_key)
+            return 0.0
         last = attempts >= self.settings.inbound_max_deliver > 0
         if report.temporary and not last:
             return await self._retry(msg, job, report, attempts)
@@ -209,66 +383,22 @@ class InboundWorker:
         system_down = any(isinstance(e, Unavailable | StorageFull) for _, e in report.temporary)
         return delay if system_down else 0.0
 
-    # the work
-
-    async def deliver(self, job: delivery_pb2.InboundJob) -> Report:
-        """Files ``job`` for every recipient; raises only for job-wide failures."""
+    async def _sender_lists(self, user_id: str, batch: Batch
+                            ) -> list[common_pb2.SenderListEntry]:
+        """The user's allow/block lists, read once per batch; advisory, so a store that
+        cannot give them (not an outage: that is retried) means no lists rather than
+        undelivered mail."""
+        if user_id in batch.sender_lists:
+            return batch.sender_lists[user_id]
         try:
-            raw = await self.metadata.get_blob(job.blob_key)
-        except NotFound as err:
-            raise JobFailed(f"raw message {job.blob_key} is not in the blob store") from err
-        parsed = await parse_raw(self.settings, raw)
-        checks = await self.checks.evaluate(job, raw)
-        del raw
-        await store_attachments(self.metadata, parsed)
-        report = Report()
-        seen_users: set[str] = set()
-        for rcpt in job.rcpt_to:
-            try:
-                user_id = await self._file(job, rcpt, parsed, seen_users, checks)
-            except (NotFound, InvalidArgument) as err:
-                reason = (f"unknown recipient <{rcpt}>" if isinstance(err, NotFound)
-                          else f"recipient <{rcpt}> refused: {err.detail}")
-                report.permanent.append((rcpt, reason))
-            except MailgridError as err:
-                report.temporary.append((rcpt, err))
-            else:
-                if user_id:
-                    report.stored.append(rcpt)
-        return report
-
-    async def _file(self, job: delivery_pb2.InboundJob, rcpt: str, parsed: ParsedEmail,
-                    seen_users: set[str], checks: JobChecks) -> str:
-        """Stores one recipient's copy; returns the user id ('' if already filed now)."""
-        user = await self.metadata.get_user(address=rcpt)
-        if user.user_id in seen_users:
-            return ""  # two addresses of one mailbox: one copy
-        seen_users.add(user.user_id)
-        lists = await self._sender_lists(user.user_id) if checks.external else []
-        folder, verdict = self.checks.decide(checks, parsed.message, lists)
-        if checks.virus:
-            await self._notify_virus(job, rcpt, user.user_id, parsed, checks.virus)
-        req = metadata_pb2.StoreDeliveryRequest(
-            user_id=user.user_id, delivery_key=delivery_key(job.queue_id, rcpt),
-            folder_id=folder, blob_key=job.blob_key, size=job.size,
-            parsed=parsed.message, checks=verdict)
-        if job.HasField("received_at"):
-            req.received_at.CopyFrom(job.received_at)
-        reply = await self.metadata.store_delivery(req)
-        log.debug("%s: %s → %s email %s (new: %s)", self.name, job.queue_id, rcpt,
-                  reply.email_id, reply.created)
-        return user.user_id
-
-    async def _sender_lists(self, user_id: str) -> list[common_pb2.SenderListEntry]:
-        """The user's allow/block lists; advisory, so a store that cannot give them
-        (not an outage: that is retried) means no lists rather than undelivered mail."""
-        try:
-            return await self.metadata.sender_lists(user_id)
+            lists = await self.metadata.sender_lists(user_id)
         except (Unavailable, StorageFull):
             raise
         except MailgridError as err:
             log.warning("%s: no sender lists for %s: %s", self.name, user_id, err.detail)
-            return []
+            lists = []
+        batch.sender_lists[user_id] = lists
+        return lists
 
     async def _notify_virus(self, job: delivery_pb2.InboundJob, rcpt: str, user_id: str,
                             parsed: ParsedEmail, virus: str) -> None:
@@ -284,13 +414,15 @@ class InboundWorker:
 
     # settling
 
-    async def _keep_alive(self, msg: Msg) -> None:
-        """Tells NATS the job is still being worked on, so it is not redelivered meanwhile."""
+    async def _keep_alive(self, msgs: list[Msg]) -> None:
+        """Tells NATS the jobs are still being worked on, so they are not redelivered
+        meanwhile."""
         interval = max(self.settings.inbound_ack_wait / 3, 0.5)
         while True:
             await asyncio.sleep(interval)
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
+            for msg in msgs:
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
 
     async def _nak(self, msg: Msg, attempts: int) -> float:
         delay = float(min(self.settings.inbound_retry_delay * 2 ** max(attempts - 1, 0),

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterable
 
 import grpc
 
+from mailgrid.errors import MailgridError, from_grpc
 from mailgrid.grpcutil import CHUNK_SIZE, call, channel, stream
 from mailgrid.v1 import (
     common_pb2,
@@ -17,6 +18,9 @@ from mailgrid.v1 import (
     metadata_pb2,
     metadata_pb2_grpc,
 )
+
+# google.rpc.Code numbers back to grpc's enum, for per-item outcomes of batch calls.
+_STATUS_BY_CODE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class MetadataClient:
@@ -83,6 +87,15 @@ class MetadataClient:
         reply = await call(self._meta.GetMessage(req, timeout=self.timeout))
         return reply.message
 
+    async def get_messages(self, wanted: Iterable[tuple[str, str]]
+                           ) -> list[common_pb2.Message | None]:
+        """The messages (user id, email id) names, in order; None for each one missing."""
+        req = metadata_pb2.GetMessagesRequest(messages=[
+            metadata_pb2.GetMessageRequest(user_id=user_id, email_id=email_id)
+            for user_id, email_id in wanted])
+        reply = await call(self._meta.GetMessages(req, timeout=self.timeout))
+        return [result.message if result.found else None for result in reply.results]
+
     async def raw_message(self, user_id: str, email_id: str) -> AsyncIterator[bytes]:
         req = metadata_pb2.GetRawMessageRequest(user_id=user_id, email_id=email_id)
         async for part in stream(self._meta.GetRawMessage(req, timeout=self.timeout)):
@@ -129,6 +142,15 @@ class MetadataClient:
     async def store_delivery(self, req: metadata_pb2.StoreDeliveryRequest
                              ) -> metadata_pb2.StoreDeliveryResponse:
         return await call(self._meta.StoreDelivery(req, timeout=self.timeout))
+
+    async def store_deliveries(self, req: metadata_pb2.StoreDeliveriesRequest
+                               ) -> list[metadata_pb2.StoreDeliveryResponse | MailgridError]:
+        """One outcome per delivery, in order: stored, or the error it failed with."""
+        reply = await call(self._meta.StoreDeliveries(req, timeout=self.timeout))
+        return [result.stored if result.HasField("stored")
+                else from_grpc(_STATUS_BY_CODE.get(result.code, grpc.StatusCode.UNKNOWN),
+                               result.message)
+                for result in reply.results]
 
     async def sender_lists(self, user_id: str) -> list[common_pb2.SenderListEntry]:
         req = metadata_pb2.GetSenderListsRequest(user_id=user_id)

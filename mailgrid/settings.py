@@ -7,6 +7,7 @@ read from a global.
 
 from __future__ import annotations
 
+import functools
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
@@ -22,6 +23,14 @@ def split_host_port(addr: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise ValueError(f"expected HOST:PORT, got {addr!r}")
     return host.strip("[]"), int(port)
+
+
+@functools.cache
+def _fqdn() -> str:
+    """This machine's name, looked up once: ``socket.getfqdn`` asks the resolver each
+    time (a quarter millisecond), and the SMTP edge reads server_name per connection."""
+    return socket.getfqdn()
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MAILGRID_", extra="ignore")
@@ -114,8 +123,15 @@ class Settings(BaseSettings):
     inbound_max_deliver: int = 8
     # Largest text or HTML body kept per message, in bytes (the raw message keeps all).
     mime_max_body_bytes: int = 1 * MiB
-    # Inbound worker tasks per delivery_svc process (each takes one job at a time).
+    # Inbound worker tasks per delivery_svc process (each files one batch at a time).
     inbound_workers: int = 2
+    # Jobs an inbound worker fetches and files together (one StoreDeliveries call, one
+    # durable commit for the batch).
+    inbound_batch: int = 64
+    # Messages up to this many bytes travel inside their INBOUND job (one durable publish
+    # before 250, no blob round trip); larger ones go to the blob store first. Capped by
+    # the NATS server's max_payload.
+    inbound_inline_max_bytes: int = 512 * 1024
     # Seconds before a temporarily failed inbound job is retried; doubles per attempt.
     inbound_retry_delay: float = 2.0
     # Longest wait between retries of an inbound job, in seconds.
@@ -198,7 +214,7 @@ class Settings(BaseSettings):
     def server_name(self) -> str:
         if self.hostname:
             return self.hostname
-        fqdn = socket.getfqdn()
+        fqdn = _fqdn()
         return fqdn if "." in fqdn and not fqdn.startswith("localhost") else f"mx.{self.domains[0]}"
 
     @property

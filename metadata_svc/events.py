@@ -97,16 +97,26 @@ class OutboxPublisher:
             pass
 
     async def _publish_batch(self, js: JetStreamContext) -> int:
-        """Publishes the oldest rows in order, stopping at the first failure."""
+        """Publishes the oldest rows, pipelined, and forgets those acked before the first
+        failure; the failed one is raised (Unavailable) and retried with the rest.
+
+        The publishes go out in order on one connection and their acks are awaited
+        together, so a batch costs one round trip, not one per event. Rows after a failure
+        may be stored already; publishing them again is harmless, since JetStream drops a
+        repeated Nats-Msg-Id."""
         events = await self.store.pending_events(self.batch)
+        outcomes = await asyncio.gather(
+            *(bus.publish(js, bus.events_subject(event.user_id), event.payload,
+                          msg_id=event.event_id) for event in events),
+            return_exceptions=True)
         done: list[int] = []
-        try:
-            for event in events:
-                await bus.publish(js, bus.events_subject(event.user_id), event.payload,
-                                  msg_id=event.event_id)
-                done.append(event.seq)
-        finally:
-            # Acked rows are forgotten even if a later one failed, so order is kept and
-            # nothing is published twice except across a crash (then Nats-Msg-Id dedups).
-            await self.store.remove_events(done)
+        failure: BaseException | None = None
+        for event, outcome in zip(events, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                failure = outcome
+                break
+            done.append(event.seq)
+        await self.store.remove_events(done)
+        if failure is not None:
+            raise failure
         return len(events)

@@ -11,10 +11,11 @@ them once and nothing else converts again.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from mailgrid.errors import MailgridError, NotFound
 from mailgrid.v1 import common_pb2, metadata_pb2
 
 # Folder roles by the names clients may use instead of a folder id (RFC 6154).
@@ -96,6 +97,11 @@ class BlobStore(Protocol):
 
     async def put_bytes(self, data: bytes) -> BlobRef:
         """``put`` for bytes already in memory."""
+        ...
+
+    async def put_many(self, blobs: Sequence[bytes]) -> list[BlobRef]:
+        """``put_bytes`` for each, durable together when it returns (a group commit where
+        the store can: one sync for the batch); refs in the order given."""
         ...
 
     def open(self, key: str) -> AsyncIterator[bytes]:
@@ -187,6 +193,11 @@ class MetadataStore(Protocol):
 
     # changing
 
+    async def get_messages(self, wanted: Sequence[tuple[str, str]]
+                           ) -> list[common_pb2.Message | None]:
+        """``get_message`` for each (user id, email id), None where it is NotFound."""
+        ...
+
     async def update_message(self, user_id: str, email_id: str, *,
                              is_read: bool | None = None, is_starred: bool | None = None,
                              folder: str | None = None) -> common_pb2.MessageSummary:
@@ -212,6 +223,13 @@ class MetadataStore(Protocol):
         starts one; its raw and attachment blobs gain a reference. QuotaExceeded if the
         user's used_bytes plus its size would pass a non-zero quota.
         """
+        ...
+
+    async def store_deliveries(self, requests: Sequence[metadata_pb2.StoreDeliveryRequest]
+                               ) -> list[StoredDelivery | MailgridError]:
+        """``store_delivery`` for each, in order, as one durable unit where the store can
+        (one commit for the batch). Each gets its own outcome: a delivery that fails with a
+        MailgridError changes nothing and does not stop the others."""
         ...
 
     async def delivered_email_id(self, user_id: str, delivery_key: str) -> str | None:
@@ -261,3 +279,28 @@ class MetadataStore(Protocol):
 
     async def close(self) -> None:
         ...
+
+
+async def store_each(store: MetadataStore,
+                     requests: Sequence[metadata_pb2.StoreDeliveryRequest]
+                     ) -> list[StoredDelivery | MailgridError]:
+    """``store_deliveries`` for a store without batches: one ``store_delivery`` each."""
+    results: list[StoredDelivery | MailgridError] = []
+    for request in requests:
+        try:
+            results.append(await store.store_delivery(request))
+        except MailgridError as err:
+            results.append(err)
+    return results
+
+
+async def get_each(store: MetadataStore, wanted: Sequence[tuple[str, str]]
+                   ) -> list[common_pb2.Message | None]:
+    """``get_messages`` for a store without batches: one ``get_message`` each."""
+    found: list[common_pb2.Message | None] = []
+    for user_id, email_id in wanted:
+        try:
+            found.append(await store.get_message(user_id, email_id))
+        except NotFound:
+            found.append(None)
+    return found

@@ -13,14 +13,16 @@ from typing import Any
 
 import grpc
 
-from mailgrid.errors import InvalidArgument, NotFound
+from mailgrid.errors import InvalidArgument, MailgridError, NotFound
 from mailgrid.grpcutil import CHUNK_SIZE, rpc, rpc_stream
 from mailgrid.v1 import metadata_pb2, metadata_pb2_grpc
-from metadata_svc.ports import BlobStore, MetadataStore
+from metadata_svc.ports import BlobRef, BlobStore, MetadataStore
 
 log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
+# Messages one GetMessages call may ask for.
+MAX_GET_MESSAGES = 1000
 
 
 def _require(value: str, name: str) -> str:
@@ -113,6 +115,17 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
                                                request.email_id)
         return metadata_pb2.GetMessageResponse(message=message)
 
+    @rpc
+    async def GetMessages(self, request: metadata_pb2.GetMessagesRequest,
+                          context: Context) -> metadata_pb2.GetMessagesResponse:
+        if not 1 <= len(request.messages) <= MAX_GET_MESSAGES:
+            raise InvalidArgument(f"ask for 1 to {MAX_GET_MESSAGES} messages")
+        wanted = [(_require(m.user_id, "user_id"), m.email_id) for m in request.messages]
+        found = await self.store.get_messages(wanted)
+        return metadata_pb2.GetMessagesResponse(results=[
+            metadata_pb2.GetMessagesResult(found=True, message=message) if message
+            else metadata_pb2.GetMessagesResult(found=False) for message in found])
+
     @rpc_stream
     async def GetRawMessage(self, request: metadata_pb2.GetRawMessageRequest,
                             context: Context) -> AsyncIterator[metadata_pb2.GetRawMessageResponse]:
@@ -173,6 +186,61 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
                      request.user_id, request.delivery_key)
         return metadata_pb2.StoreDeliveryResponse(email_id=stored.email_id,
                                                   created=stored.created)
+
+
+    @rpc
+    async def StoreDeliveries(self, request: metadata_pb2.StoreDeliveriesRequest,
+                              context: Context) -> metadata_pb2.StoreDeliveriesResponse:
+        # The carried raw messages are made durable (one group commit) before any row
+        # refers to them; a failure there fails the call, and the caller retries it all.
+        refs = await self.blobs.put_many(list(request.blobs))
+        stored_now = {ref.key for ref in refs}
+        outcomes: list[metadata_pb2.StoreDeliveryResult | None] = []
+        todo: list[tuple[int, metadata_pb2.StoreDeliveryRequest]] = []
+        for batched in request.deliveries:
+            try:
+                delivery = await self._batched_request(batched, refs, stored_now)
+            except MailgridError as err:
+                outcomes.append(_failed(err))
+            else:
+                todo.append((len(outcomes), delivery))
+                outcomes.append(None)
+        results = await self.store.store_deliveries([d for _, d in todo])
+        for (index, _), result in zip(todo, results, strict=True):
+            if isinstance(result, MailgridError):
+                outcomes[index] = _failed(result)
+            else:
+                outcomes[index] = metadata_pb2.StoreDeliveryResult(
+                    stored=metadata_pb2.StoreDeliveryResponse(email_id=result.email_id,
+                                                              created=result.created))
+        log.info("stored a batch of %d deliveries (%d blobs)", len(outcomes), len(refs))
+        return metadata_pb2.StoreDeliveriesResponse(
+            results=[outcome for outcome in outcomes if outcome is not None])
+
+    async def _batched_request(self, batched: metadata_pb2.BatchedDelivery,
+                               refs: list[BlobRef], stored_now: set[str]
+                               ) -> metadata_pb2.StoreDeliveryRequest:
+        """The delivery with its blob key filled in, checked as StoreDelivery checks."""
+        delivery = batched.request
+        _require(delivery.user_id, "user_id")
+        _require(delivery.delivery_key, "delivery_key")
+        if not delivery.blob_key:
+            if batched.blob_index >= len(refs):
+                raise InvalidArgument(f"blob_index {batched.blob_index} is not in blobs")
+            ref = refs[batched.blob_index]
+            delivery.blob_key = ref.key
+            delivery.size = delivery.size or ref.size
+        for key in (delivery.blob_key, *(a.blob_key for a in delivery.parsed.attachments)):
+            if key not in stored_now and not await self.blobs.exists(key):
+                seen = await self.store.delivered_email_id(delivery.user_id,
+                                                           delivery.delivery_key)
+                if seen is None:
+                    raise InvalidArgument(f"blob {key!r} is not in the blob store")
+        return delivery
+
+
+def _failed(err: MailgridError) -> metadata_pb2.StoreDeliveryResult:
+    return metadata_pb2.StoreDeliveryResult(code=err.grpc_code.value[0], message=err.detail)
 
 
 class BlobServicer(metadata_pb2_grpc.BlobServiceServicer):

@@ -30,6 +30,7 @@ from mailgrid import ids
 from mailgrid.errors import (
     AlreadyExists,
     InvalidArgument,
+    MailgridError,
     NotFound,
     QuotaExceeded,
     Unauthenticated,
@@ -315,6 +316,20 @@ class SQLiteMetadataStore:
         return await self._read(functools.partial(_message, user_id=user_id,
                                                   email_id=email_id))
 
+    async def get_messages(self, wanted: Sequence[tuple[str, str]]
+                           ) -> list[common_pb2.Message | None]:
+        def read(conn: sqlite3.Connection) -> list[common_pb2.Message | None]:
+            found: list[common_pb2.Message | None] = []
+            for user_id, email_id in wanted:
+                try:
+                    _parse_email_id(email_id)
+                    found.append(_message(conn, user_id=user_id, email_id=email_id))
+                except NotFound:
+                    found.append(None)
+            return found
+
+        return await self._read(read)
+
     # changing
 
     async def update_message(self, user_id: str, email_id: str, *,
@@ -373,6 +388,35 @@ class SQLiteMetadataStore:
                              ) -> StoredDelivery:
         _check_delivery(request)
         return await self._write(functools.partial(_store_delivery, request=request))
+
+    async def store_deliveries(self, requests: Sequence[metadata_pb2.StoreDeliveryRequest]
+                               ) -> list[StoredDelivery | MailgridError]:
+        results: list[StoredDelivery | MailgridError | None] = []
+        valid: list[tuple[int, metadata_pb2.StoreDeliveryRequest]] = []
+        for request in requests:
+            try:
+                _check_delivery(request)
+            except MailgridError as err:
+                results.append(err)
+            else:
+                valid.append((len(results), request))
+                results.append(None)
+
+        def write(conn: sqlite3.Connection) -> None:
+            # One transaction, one commit (one fsync) for the batch; a savepoint per
+            # delivery so that one refused (e.g. over quota) leaves the others filed.
+            for index, request in valid:
+                conn.execute("SAVEPOINT delivery")
+                try:
+                    results[index] = _store_delivery(conn, request=request)
+                except MailgridError as err:
+                    conn.execute("ROLLBACK TO delivery")
+                    results[index] = err
+                conn.execute("RELEASE delivery")
+
+        if valid:
+            await self._write(write)
+        return [result for result in results if result is not None]
 
     async def sender_lists(self, user_id: str) -> list[common_pb2.SenderListEntry]:
         def read(conn: sqlite3.Connection) -> list[common_pb2.SenderListEntry]:
@@ -458,8 +502,14 @@ class SQLiteMetadataStore:
         def write(conn: sqlite3.Connection) -> None:
             conn.executemany("DELETE FROM event_outbox WHERE seq = ?", [(s,) for s in seqs])
 
-        if seqs:
-            await self._write(write)
+        if not seqs or self._wconn is None:
+            return
+        loop = asyncio.get_running_loop()
+        # Forgetting published events need not survive a power cut: a row that comes back
+        # is published again and JetStream drops the repeat by its Nats-Msg-Id. So this
+        # commit skips the WAL fsync (synchronous=NORMAL); the next FULL commit covers it.
+        await loop.run_in_executor(self._writer, _in_transaction, self._wconn,
+                                   "BEGIN IMMEDIATE", write, "NORMAL")
 
     async def wait_for_events(self, timeout: float) -> None:
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
@@ -483,14 +533,20 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def _in_transaction(conn: sqlite3.Connection, begin: str,
-                    fn: Callable[[sqlite3.Connection], T]) -> T:
-    conn.execute(begin)
+                    fn: Callable[[sqlite3.Connection], T], synchronous: str = "") -> T:
+    if synchronous:
+        conn.execute(f"PRAGMA synchronous={synchronous}")
     try:
-        result = fn(conn)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+        conn.execute(begin)
+        try:
+            result = fn(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    finally:
+        if synchronous:
+            conn.execute("PRAGMA synchronous=FULL")
     return result
 
 

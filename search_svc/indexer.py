@@ -27,7 +27,7 @@ from nats.js.errors import NotFoundError
 
 from mailgrid import bus
 from mailgrid.clients import MetadataClient
-from mailgrid.errors import MailgridError, NotFound, Unavailable
+from mailgrid.errors import MailgridError, Unavailable
 from mailgrid.v1 import events_pb2
 from search_svc.document import indexed_message, summary_of
 from search_svc.ports import Delete, Operation, SearchIndex, UpdateSummary, Upsert
@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 STREAM = "EVENTS"
 DURABLE = "search-indexer"
 FETCH_TIMEOUT = 0.5
-# Messages fetched concurrently from metadata_svc while building one batch.
-FETCH_CONCURRENCY = 16
+# Messages asked of metadata_svc in one GetMessages call.
+GET_MESSAGES_BATCH = 500
 MAX_BACKOFF = 5.0
 
 
@@ -141,44 +141,36 @@ class Indexer:
 
     async def apply_batch(self, msgs: list[Msg]) -> None:
         events = [(_seq(msg), _decode(msg)) for msg in msgs]
-        semaphore = asyncio.Semaphore(FETCH_CONCURRENCY)
-
-        async def operation(event: events_pb2.MailEvent | None) -> Operation | None:
-            if event is None:
-                return None
-            async with semaphore:
-                return await self.operation(event)
-
-        ops = await asyncio.gather(*(operation(event) for _, event in events))
+        wanted = [(event.user_id, email_id) for _, event in events
+                  if event is not None and event.user_id
+                  and (email_id := _to_refresh(event))]
+        # One GetMessages call for all the messages the batch adds or moves to Trash.
+        current: dict[tuple[str, str], Operation] = {}
+        for start in range(0, len(wanted), GET_MESSAGES_BATCH):
+            chunk = wanted[start:start + GET_MESSAGES_BATCH]
+            for (user_id, email_id), message in zip(
+                    chunk, await self.metadata.get_messages(chunk), strict=True):
+                # A message gone since is deleted; later events bring later changes.
+                current[(user_id, email_id)] = (
+                    Upsert(indexed_message(user_id, message, summary_of(message)))
+                    if message is not None else Delete(user_id, email_id))
+        ops = [self.operation(event, current) for _, event in events if event is not None]
         seq = max(seq for seq, _ in events)
         async with self.write_lock:
             await self.index.apply([op for op in ops if op is not None], seq)
         async with self._applied:
             self._applied.notify_all()
 
-    async def operation(self, event: events_pb2.MailEvent) -> Operation | None:
-        """The index operation an event calls for."""
+    def operation(self, event: events_pb2.MailEvent,
+                  current: dict[tuple[str, str], Operation]) -> Operation | None:
+        """The index operation an event calls for, given the messages as they are now."""
         kind = event.WhichOneof("kind")
         user_id = event.user_id
         if kind == "message_updated":
             return UpdateSummary(user_id, event.message_updated.message)
-        if kind == "message_added":
-            return await self._refresh(user_id, event.message_added.message.email_id)
-        if kind == "message_deleted":
-            deleted = event.message_deleted
-            if deleted.permanent:
-                return Delete(user_id, deleted.email_id)
-            return await self._refresh(user_id, deleted.email_id)  # now in Trash
-        return None
-
-    async def _refresh(self, user_id: str, email_id: str) -> Operation:
-        """The message as metadata_svc holds it now (later events bring later changes);
-        a message gone since is deleted."""
-        try:
-            message = await self.metadata.get_message(user_id, email_id)
-        except NotFound:
-            return Delete(user_id, email_id)
-        return Upsert(indexed_message(user_id, message, summary_of(message)))
+        if kind == "message_deleted" and event.message_deleted.permanent:
+            return Delete(user_id, event.message_deleted.email_id)
+        return current.get((user_id, _to_refresh(event)))
 
     async def wait_applied(self, seq: int, timeout: float) -> int:
         """Waits until the index has applied ``seq`` (or ``timeout`` passes); returns
@@ -209,3 +201,13 @@ def _seq(msg: Msg) -> int:
     return int(msg.metadata.sequence.stream)
 
 
+
+
+def _to_refresh(event: events_pb2.MailEvent) -> str:
+    """The email id whose current state the event's index operation needs, or ''."""
+    kind = event.WhichOneof("kind")
+    if kind == "message_added":
+        return event.message_added.message.email_id
+    if kind == "message_deleted" and not event.message_deleted.permanent:
+        return event.message_deleted.email_id  # now in Trash
+    return ""

@@ -205,6 +205,7 @@ class InboundJob(_message.Message):
     CLIENT_ADDRESS_FIELD_NUMBER: _builtins.int
     HELO_FIELD_NUMBER: _builtins.int
     RECEIVED_AT_FIELD_NUMBER: _builtins.int
+    RAW_FIELD_NUMBER: _builtins.int
     queue_id: _builtins.str
     """The id given in the 250 reply; also the Nats-Msg-Id."""
     blob_key: _builtins.str
@@ -214,6 +215,11 @@ class InboundJob(_message.Message):
     """Reverse path; empty for the null sender <>."""
     client_address: _builtins.str
     helo: _builtins.str
+    raw: _builtins.bytes
+    """The raw message itself (with our Received header) when it is small enough to travel
+    in the job: blob_key is then empty and the inbound worker stores the bytes together
+    with the mailbox write, so accepting costs one durable publish and no blob round trip.
+    """
     @_builtins.property
     def rcpt_to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -229,10 +235,11 @@ class InboundJob(_message.Message):
         client_address: _builtins.str = ...,
         helo: _builtins.str = ...,
         received_at: _timestamp_pb2.Timestamp | None = ...,
+        raw: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["received_at", b"received_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_key", b"blob_key", "client_address", b"client_address", "helo", b"helo", "mail_from", b"mail_from", "queue_id", b"queue_id", "rcpt_to", b"rcpt_to", "received_at", b"received_at", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_key", b"blob_key", "client_address", b"client_address", "helo", b"helo", "mail_from", b"mail_from", "queue_id", b"queue_id", "raw", b"raw", "rcpt_to", b"rcpt_to", "received_at", b"received_at", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

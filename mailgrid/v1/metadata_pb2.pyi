@@ -290,6 +290,74 @@ class GetMessageResponse(_message.Message):
 Global___GetMessageResponse: _TypeAlias = GetMessageResponse  # noqa: Y015
 
 @_typing.final
+class GetMessagesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___GetMessageRequest]:
+        """1 to 1000 messages."""
+
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___GetMessageRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMessagesRequest: _TypeAlias = GetMessagesRequest  # noqa: Y015
+
+@_typing.final
+class GetMessagesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___GetMessagesResult]:
+        """One per message asked, in order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___GetMessagesResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMessagesResponse: _TypeAlias = GetMessagesResponse  # noqa: Y015
+
+@_typing.final
+class GetMessagesResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOUND_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    found: _builtins.bool
+    """False when there is no such message (or it is another user's): message is then unset."""
+    @_builtins.property
+    def message(self) -> _common_pb2.Message: ...
+    def __init__(
+        self,
+        *,
+        found: _builtins.bool = ...,
+        message: _common_pb2.Message | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMessagesResult: _TypeAlias = GetMessagesResult  # noqa: Y015
+
+@_typing.final
 class GetRawMessageRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -631,6 +699,107 @@ class StoreDeliveryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StoreDeliveryResponse: _TypeAlias = StoreDeliveryResponse  # noqa: Y015
+
+@_typing.final
+class StoreDeliveriesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOBS_FIELD_NUMBER: _builtins.int
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def blobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Raw messages not in the blob store yet; stored (content-addressed) before filing."""
+
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchedDelivery]: ...
+    def __init__(
+        self,
+        *,
+        blobs: _abc.Iterable[_builtins.bytes] | None = ...,
+        deliveries: _abc.Iterable[Global___BatchedDelivery] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blobs", b"blobs", "deliveries", b"deliveries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoreDeliveriesRequest: _TypeAlias = StoreDeliveriesRequest  # noqa: Y015
+
+@_typing.final
+class BatchedDelivery(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    BLOB_INDEX_FIELD_NUMBER: _builtins.int
+    blob_index: _builtins.int
+    """When request.blob_key is empty: its raw message is blobs[blob_index]."""
+    @_builtins.property
+    def request(self) -> Global___StoreDeliveryRequest: ...
+    def __init__(
+        self,
+        *,
+        request: Global___StoreDeliveryRequest | None = ...,
+        blob_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_index", b"blob_index", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchedDelivery: _TypeAlias = BatchedDelivery  # noqa: Y015
+
+@_typing.final
+class StoreDeliveriesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoreDeliveryResult]:
+        """One per delivery, in the order asked."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___StoreDeliveryResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoreDeliveriesResponse: _TypeAlias = StoreDeliveriesResponse  # noqa: Y015
+
+@_typing.final
+class StoreDeliveryResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STORED_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """Otherwise the gRPC status code (google.rpc.Code) and message of its failure."""
+    message: _builtins.str
+    @_builtins.property
+    def stored(self) -> Global___StoreDeliveryResponse:
+        """Set when the delivery was stored (or had been before)."""
+
+    def __init__(
+        self,
+        *,
+        stored: Global___StoreDeliveryResponse | None = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stored", b"stored"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "stored", b"stored"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoreDeliveryResult: _TypeAlias = StoreDeliveryResult  # noqa: Y015
 
 @_typing.final
 class ListUsersRequest(_message.Message):

@@ -66,6 +66,11 @@ class MetadataServiceStub:
                 request_serializer=mailgrid_dot_v1_dot_metadata__pb2.GetMessageRequest.SerializeToString,
                 response_deserializer=mailgrid_dot_v1_dot_metadata__pb2.GetMessageResponse.FromString,
                 _registered_method=True)
+        self.GetMessages = channel.unary_unary(
+                '/mailgrid.v1.MetadataService/GetMessages',
+                request_serializer=mailgrid_dot_v1_dot_metadata__pb2.GetMessagesRequest.SerializeToString,
+                response_deserializer=mailgrid_dot_v1_dot_metadata__pb2.GetMessagesResponse.FromString,
+                _registered_method=True)
         self.GetRawMessage = channel.unary_stream(
                 '/mailgrid.v1.MetadataService/GetRawMessage',
                 request_serializer=mailgrid_dot_v1_dot_metadata__pb2.GetRawMessageRequest.SerializeToString,
@@ -90,6 +95,11 @@ class MetadataServiceStub:
                 '/mailgrid.v1.MetadataService/StoreDelivery',
                 request_serializer=mailgrid_dot_v1_dot_metadata__pb2.StoreDeliveryRequest.SerializeToString,
                 response_deserializer=mailgrid_dot_v1_dot_metadata__pb2.StoreDeliveryResponse.FromString,
+                _registered_method=True)
+        self.StoreDeliveries = channel.unary_unary(
+                '/mailgrid.v1.MetadataService/StoreDeliveries',
+                request_serializer=mailgrid_dot_v1_dot_metadata__pb2.StoreDeliveriesRequest.SerializeToString,
+                response_deserializer=mailgrid_dot_v1_dot_metadata__pb2.StoreDeliveriesResponse.FromString,
                 _registered_method=True)
         self.ListUsers = channel.unary_unary(
                 '/mailgrid.v1.MetadataService/ListUsers',
@@ -153,6 +163,13 @@ class MetadataServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMessages(self, request, context):
+        """Several messages (of any users) in one call, e.g. for an indexer catching up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetRawMessage(self, request, context):
         """The exact bytes stored, in chunks.
         """
@@ -183,6 +200,15 @@ class MetadataServiceServicer:
 
     def StoreDelivery(self, request, context):
         """Files a delivered message into a mailbox. Idempotent on (user_id, delivery_key).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StoreDeliveries(self, request, context):
+        """Files many deliveries at once: the raw messages they carry are stored first, then
+        every delivery in one transaction (one durable commit). Each delivery succeeds or
+        fails on its own, with StoreDelivery's semantics.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -242,6 +268,11 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     request_deserializer=mailgrid_dot_v1_dot_metadata__pb2.GetMessageRequest.FromString,
                     response_serializer=mailgrid_dot_v1_dot_metadata__pb2.GetMessageResponse.SerializeToString,
             ),
+            'GetMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMessages,
+                    request_deserializer=mailgrid_dot_v1_dot_metadata__pb2.GetMessagesRequest.FromString,
+                    response_serializer=mailgrid_dot_v1_dot_metadata__pb2.GetMessagesResponse.SerializeToString,
+            ),
             'GetRawMessage': grpc.unary_stream_rpc_method_handler(
                     servicer.GetRawMessage,
                     request_deserializer=mailgrid_dot_v1_dot_metadata__pb2.GetRawMessageRequest.FromString,
@@ -266,6 +297,11 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     servicer.StoreDelivery,
                     request_deserializer=mailgrid_dot_v1_dot_metadata__pb2.StoreDeliveryRequest.FromString,
                     response_serializer=mailgrid_dot_v1_dot_metadata__pb2.StoreDeliveryResponse.SerializeToString,
+            ),
+            'StoreDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.StoreDeliveries,
+                    request_deserializer=mailgrid_dot_v1_dot_metadata__pb2.StoreDeliveriesRequest.FromString,
+                    response_serializer=mailgrid_dot_v1_dot_metadata__pb2.StoreDeliveriesResponse.SerializeToString,
             ),
             'ListUsers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListUsers,
@@ -458,6 +494,33 @@ class MetadataService:
             _registered_method=True)
 
     @staticmethod
+    def GetMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailgrid.v1.MetadataService/GetMessages',
+            mailgrid_dot_v1_dot_metadata__pb2.GetMessagesRequest.SerializeToString,
+            mailgrid_dot_v1_dot_metadata__pb2.GetMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetRawMessage(request,
             target,
             options=(),
@@ -582,6 +645,33 @@ class MetadataService:
             '/mailgrid.v1.MetadataService/StoreDelivery',
             mailgrid_dot_v1_dot_metadata__pb2.StoreDeliveryRequest.SerializeToString,
             mailgrid_dot_v1_dot_metadata__pb2.StoreDeliveryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StoreDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailgrid.v1.MetadataService/StoreDeliveries',
+            mailgrid_dot_v1_dot_metadata__pb2.StoreDeliveriesRequest.SerializeToString,
+            mailgrid_dot_v1_dot_metadata__pb2.StoreDeliveriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,8 @@ class MetadataServiceStub:
     ListMessages: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.ListMessagesRequest, _metadata_pb2.ListMessagesResponse]
     """Newest first, one page at a time."""
     GetMessage: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.GetMessageRequest, _metadata_pb2.GetMessageResponse]
+    GetMessages: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.GetMessagesRequest, _metadata_pb2.GetMessagesResponse]
+    """Several messages (of any users) in one call, e.g. for an indexer catching up."""
     GetRawMessage: _grpc.UnaryStreamMultiCallable[_metadata_pb2.GetRawMessageRequest, _metadata_pb2.GetRawMessageResponse]
     """The exact bytes stored, in chunks."""
     GetAttachment: _grpc.UnaryStreamMultiCallable[_metadata_pb2.GetAttachmentRequest, _metadata_pb2.GetAttachmentResponse]
@@ -55,6 +57,11 @@ class MetadataServiceStub:
     """Moves to Trash; from Trash (or with permanent set) deletes for good."""
     StoreDelivery: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.StoreDeliveryRequest, _metadata_pb2.StoreDeliveryResponse]
     """Files a delivered message into a mailbox. Idempotent on (user_id, delivery_key)."""
+    StoreDeliveries: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.StoreDeliveriesRequest, _metadata_pb2.StoreDeliveriesResponse]
+    """Files many deliveries at once: the raw messages they carry are stored first, then
+    every delivery in one transaction (one durable commit). Each delivery succeeds or
+    fails on its own, with StoreDelivery's semantics.
+    """
     ListUsers: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.ListUsersRequest, _metadata_pb2.ListUsersResponse]
     """Every user, one page at a time, ordered by user id (for rebuilding derived indexes)."""
     GetSenderLists: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.GetSenderListsRequest, _metadata_pb2.GetSenderListsResponse]
@@ -79,6 +86,8 @@ class MetadataServiceAsyncStub(MetadataServiceStub):
     ListMessages: _aio.UnaryUnaryMultiCallable[_metadata_pb2.ListMessagesRequest, _metadata_pb2.ListMessagesResponse]  # type: ignore[assignment]
     """Newest first, one page at a time."""
     GetMessage: _aio.UnaryUnaryMultiCallable[_metadata_pb2.GetMessageRequest, _metadata_pb2.GetMessageResponse]  # type: ignore[assignment]
+    GetMessages: _aio.UnaryUnaryMultiCallable[_metadata_pb2.GetMessagesRequest, _metadata_pb2.GetMessagesResponse]  # type: ignore[assignment]
+    """Several messages (of any users) in one call, e.g. for an indexer catching up."""
     GetRawMessage: _aio.UnaryStreamMultiCallable[_metadata_pb2.GetRawMessageRequest, _metadata_pb2.GetRawMessageResponse]  # type: ignore[assignment]
     """The exact bytes stored, in chunks."""
     GetAttachment: _aio.UnaryStreamMultiCallable[_metadata_pb2.GetAttachmentRequest, _metadata_pb2.GetAttachmentResponse]  # type: ignore[assignment]
@@ -89,6 +98,11 @@ class MetadataServiceAsyncStub(MetadataServiceStub):
     """Moves to Trash; from Trash (or with permanent set) deletes for good."""
     StoreDelivery: _aio.UnaryUnaryMultiCallable[_metadata_pb2.StoreDeliveryRequest, _metadata_pb2.StoreDeliveryResponse]  # type: ignore[assignment]
     """Files a delivered message into a mailbox. Idempotent on (user_id, delivery_key)."""
+    StoreDeliveries: _aio.UnaryUnaryMultiCallable[_metadata_pb2.StoreDeliveriesRequest, _metadata_pb2.StoreDeliveriesResponse]  # type: ignore[assignment]
+    """Files many deliveries at once: the raw messages they carry are stored first, then
+    every delivery in one transaction (one durable commit). Each delivery succeeds or
+    fails on its own, with StoreDelivery's semantics.
+    """
     ListUsers: _aio.UnaryUnaryMultiCallable[_metadata_pb2.ListUsersRequest, _metadata_pb2.ListUsersResponse]  # type: ignore[assignment]
     """Every user, one page at a time, ordered by user id (for rebuilding derived indexes)."""
     GetSenderLists: _aio.UnaryUnaryMultiCallable[_metadata_pb2.GetSenderListsRequest, _metadata_pb2.GetSenderListsResponse]  # type: ignore[assignment]
@@ -148,6 +162,14 @@ class MetadataServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_metadata_pb2.GetMessageResponse, _abc.Awaitable[_metadata_pb2.GetMessageResponse]]: ...
 
     @_abc_1.abstractmethod
+    def GetMessages(
+        self,
+        request: _metadata_pb2.GetMessagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metadata_pb2.GetMessagesResponse, _abc.Awaitable[_metadata_pb2.GetMessagesResponse]]:
+        """Several messages (of any users) in one call, e.g. for an indexer catching up."""
+
+    @_abc_1.abstractmethod
     def GetRawMessage(
         self,
         request: _metadata_pb2.GetRawMessageRequest,
@@ -186,6 +208,17 @@ class MetadataServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_metadata_pb2.StoreDeliveryResponse, _abc.Awaitable[_metadata_pb2.StoreDeliveryResponse]]:
         """Files a delivered message into a mailbox. Idempotent on (user_id, delivery_key)."""
+
+    @_abc_1.abstractmethod
+    def StoreDeliveries(
+        self,
+        request: _metadata_pb2.StoreDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metadata_pb2.StoreDeliveriesResponse, _abc.Awaitable[_metadata_pb2.StoreDeliveriesResponse]]:
+        """Files many deliveries at once: the raw messages they carry are stored first, then
+        every delivery in one transaction (one durable commit). Each delivery succeeds or
+        fails on its own, with StoreDelivery's semantics.
+        """
 
     @_abc_1.abstractmethod
     def ListUsers(

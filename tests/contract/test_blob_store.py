@@ -57,6 +57,16 @@ class BlobStoreContract:
         assert first == second
         assert await _read(blobs, first.key) == b"same bytes"
 
+    async def test_put_many_stores_each_once_with_refs_in_order(self, blobs: BlobStore) -> None:
+        existing = await blobs.put_bytes(b"already here")
+        refs = await blobs.put_many([b"first", b"already here", b"second", b"first"])
+        assert [r.key for r in refs] == [hashlib.sha256(d).hexdigest() for d in
+                                         (b"first", b"already here", b"second", b"first")]
+        assert refs[1] == existing and refs[0] == refs[3]
+        assert [await _read(blobs, r.key) for r in refs] == [
+            b"first", b"already here", b"second", b"first"]
+        assert await blobs.put_many([]) == []
+
     async def test_big_blob_round_trips_in_chunks_of_at_most_one_mib(
             self, blobs: BlobStore) -> None:
         data = os.urandom(5 * MiB + 123)
@@ -110,6 +120,9 @@ class BlobStoreContract:
         with pytest.raises(StorageFull) as caught:
             await unwritable_blobs.put_bytes(b"nowhere to go")
         assert caught.value.detail.startswith("storage full")
+        with pytest.raises(StorageFull) as caught:
+            await unwritable_blobs.put_many([b"nowhere", b"to go"])
+        assert caught.value.detail.startswith("storage full")
 
     async def age(self, blobs: BlobStore, key: str, seconds: float) -> None:
         """Makes the blob look last written ``seconds`` ago (adapter hook)."""
@@ -142,6 +155,7 @@ class TestFileBlobStore(BlobStoreContract):
         await blobs.put_bytes(b"one")
         await blobs.put_bytes(b"one")
         await blobs.put(_chunks(os.urandom(MiB), 4096))
+        await blobs.put_many([b"one", b"two", os.urandom(MiB)])
         assert blobs.temp_files() == []
 
     async def test_a_failed_put_leaves_no_temp_file(self, blobs: FileBlobStore) -> None:

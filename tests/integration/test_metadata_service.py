@@ -198,6 +198,52 @@ async def test_repeated_delivery_returns_the_first_email(
     assert (await counts(client, alice))["Inbox"] == (0, 0)
 
 
+async def test_store_deliveries_stores_the_carried_bytes_and_answers_each_delivery(
+        client: MetadataClient, alice: common_pb2.User, bob: common_pb2.User) -> None:
+    raw = b"Subject: batched\r\n\r\nbody\r\n"
+
+    def batched(user: common_pb2.User, key: str, **fields: object
+                ) -> metadata_pb2.BatchedDelivery:
+        index = fields.pop("blob_index", 0)
+        assert isinstance(index, int)
+        request = metadata_pb2.StoreDeliveryRequest(user_id=user.user_id, delivery_key=key,
+                                                    **fields)  # type: ignore[arg-type]
+        request.parsed.subject = "batched"
+        return metadata_pb2.BatchedDelivery(request=request, blob_index=index)
+
+    outcomes = await client.store_deliveries(metadata_pb2.StoreDeliveriesRequest(
+        blobs=[raw], deliveries=[
+            batched(alice, "q1:alice"), batched(bob, "q1:bob"),
+            batched(alice, "q2:alice", blob_index=7),            # no such carried blob
+            batched(bob, "q3:bob", blob_key="f" * 64, size=1),  # a blob never stored
+        ]))
+    stored_a, stored_b, no_blob, missing = outcomes
+    assert isinstance(stored_a, metadata_pb2.StoreDeliveryResponse) and stored_a.created
+    assert isinstance(stored_b, metadata_pb2.StoreDeliveryResponse) and stored_b.created
+    assert isinstance(no_blob, InvalidArgument) and "blob_index" in no_blob.detail
+    assert isinstance(missing, InvalidArgument) and "not in the blob store" in missing.detail
+    message = await client.get_message(alice.user_id, stored_a.email_id)
+    assert message.size == len(raw)
+    assert b"".join([c async for c in client.raw_message(alice.user_id, message.email_id)]) \
+        == raw
+    # A batch repeated (the worker retrying) stores nothing twice.
+    again = await client.store_deliveries(metadata_pb2.StoreDeliveriesRequest(
+        blobs=[raw], deliveries=[batched(alice, "q1:alice")]))
+    assert isinstance(again[0], metadata_pb2.StoreDeliveryResponse)
+    assert (again[0].email_id, again[0].created) == (stored_a.email_id, False)
+
+
+async def test_get_messages_answers_in_order_and_hides_other_users_mail(
+        client: MetadataClient, alice: common_pb2.User, bob: common_pb2.User) -> None:
+    mine = await deliver(client, alice, "k1", subject="mine")
+    theirs = await deliver(client, bob, "k2", subject="theirs")
+    found = await client.get_messages([(alice.user_id, mine), (alice.user_id, theirs),
+                                       (bob.user_id, theirs)])
+    assert [m.subject if m else None for m in found] == ["mine", None, "theirs"]
+    with pytest.raises(InvalidArgument):
+        await client.get_messages([])
+
+
 async def test_bad_requests_get_precise_errors(
         client: MetadataClient, alice: common_pb2.User) -> None:
     with pytest.raises(InvalidArgument):
