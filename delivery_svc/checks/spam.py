@@ -30,6 +30,14 @@ BAD_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("credential_phish", r"\bverify your (?:account|password)\b.{0,60}\b(?:suspend|"
                              r"locked|within 24 hours)\b"),
     ))
+# Words each pattern cannot match without (lower case): its cheap prefilter.
+PATTERN_WORDS: dict[str, tuple[str, ...]] = {
+    "lottery": ("won",),
+    "advance_fee": ("next of kin", "beneficiary"),
+    "pharma": ("viagra", "cialis", "cheap meds"),
+    "crypto_doubler": ("double your", "triple your"),
+    "credential_phish": ("verify your",),
+}
 PATTERN_SCORE = 2.5
 PATTERN_CAP = 5.0
 
@@ -125,10 +133,15 @@ def _header_rules(parsed: metadata_pb2.ParsedMessage, header_names: set[bytes],
 
 def _pattern_rules(parsed: metadata_pb2.ParsedMessage) -> list[Rule]:
     text = f"{parsed.subject}\n{parsed.text[:20000]}"
+    # A pattern can only match where one of its words is: a substring test (C speed) on
+    # the case-folded text spares the regex scan of nearly every message (~0.7 ms each).
+    folded = text.casefold()
     rules: list[Rule] = []
     for name, pattern in BAD_PATTERNS:
         if sum(r.score for r in rules) >= PATTERN_CAP:
             break
+        if not any(word in folded for word in PATTERN_WORDS[name]):
+            continue
         found = pattern.search(text)
         if found:
             rules.append(Rule(f"pattern_{name}", PATTERN_SCORE,

@@ -125,3 +125,22 @@ def test_the_api_shows_the_checks_of_a_message() -> None:
     assert out["filing_reason"] == "spam score 6 >= 5" and out["virus"] is None
     plain = message_out(common_pb2.Message(email_id="f")).model_dump()
     assert plain["spam"] is None and plain["authentication_results"] is None
+
+
+SPAM_PHRASES = {
+    "lottery": "You have WON the national LOTTERY",
+    "advance_fee": "as the Beneficiary of 5 MILLION usd",
+    "pharma": "Cheap Meds here",
+    "crypto_doubler": "Double Your Bitcoin today",
+    "credential_phish": "VERIFY YOUR PASSWORD or be locked",
+}
+
+
+@pytest.mark.parametrize("name", [name for name, _ in spam.BAD_PATTERNS])
+def test_each_spam_phrase_matches_in_any_case_despite_the_word_prefilter(name: str) -> None:
+    assert set(spam.PATTERN_WORDS) == {n for n, _ in spam.BAD_PATTERNS}
+    for phrase in (SPAM_PHRASES[name], SPAM_PHRASES[name].upper(),
+                   SPAM_PHRASES[name].lower()):
+        raw = f"From: a@b.test\r\nSubject: hello\r\n\r\n{phrase}\r\n".encode()
+        rules = {r.name for r in _score(raw, None).rules}
+        assert f"pattern_{name}" in rules, phrase
