@@ -8,7 +8,11 @@ test_schema.py compares it with PRAGMA table_info, so the two cannot drift).
 
 Statement builders refuse anything a CQL cluster would serve with a scan: a WHERE must
 name the whole partition key, then clustering columns in order, with a range only on the
-last one named; ALLOW FILTERING is never emitted.
+last one named; ALLOW FILTERING is never emitted. Each Statement lists the column every
+bind marker stands for, so tests can check what an adapter binds against it.
+
+``cql_migration`` plans what ``mailgrid migrate`` runs on an existing keyspace: missing
+tables are created and missing columns added (ALTER TABLE ... ADD), nothing is dropped.
 
 Types are CQL type names; ``timeuuid`` is stored in SQLite as its canonical text,
 ``timeuuid_key`` is a TIMEUUID clustering column that SQLite keeps as ids.time_sort_key
@@ -17,7 +21,8 @@ bytes (which sort as ScyllaDB sorts TIMEUUIDs: by time).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -93,6 +98,11 @@ TABLES: tuple[Table, ...] = (
         "user_id text, address text, quota_bytes bigint, used_bytes bigint, "
         "created_at double"), ("user_id",),
         doc="user id → user; used_bytes changes by compare-and-set (LWT) on Scylla"),
+    Table("user_ids_by_shard", _cols("shard int, user_id text"), ("shard",),
+          (("user_id", "ASC"),), backends=frozenset({"scylla"}),
+          doc="Scylla only: list_users pages by user id, and a cluster orders the users "
+              "table by token, not by id (SQLite pages its users table by primary key); "
+              "USER_SHARDS partitions (shard_of(user_id)), each in id order, merged"),
     Table("folders_by_user", _cols("user_id text, folder_id text, name text, role int"),
           ("user_id",), (("folder_id", "ASC"),)),
     Table("folder_counters", _cols(
@@ -131,8 +141,13 @@ TABLES: tuple[Table, ...] = (
           (("owner", "ASC"),)),
     Table("blob_orphans", _cols("blob_key text, since double"), ("blob_key",),
           backends=frozenset({"sqlite"}),
-          doc="SQLite finds old orphans with a scan on since; Scylla needs a time-bucketed "
-              "twin (not built yet)"),
+          doc="SQLite finds old orphans with a scan on since; Scylla keeps them in "
+              "blob_orphans_by_shard"),
+    Table("blob_orphans_by_shard", _cols("shard int, blob_key text, since double"),
+          ("shard",), (("blob_key", "ASC"),), backends=frozenset({"scylla"}),
+          doc="Scylla only: a cluster cannot list a table without a token-range scan, so "
+              "orphans live in ORPHAN_SHARDS partitions (shard_of(blob_key)) that the "
+              "sweeper reads whole; a blob key still names one row (the full primary key)"),
     Table("message_checks", _cols("user_id text, email_id timeuuid, verdict blob"),
           ("user_id",), (("email_id", "ASC"),)),
     Table("sender_lists", _cols(
@@ -148,8 +163,16 @@ TABLES: tuple[Table, ...] = (
 )
 
 BY_NAME: dict[str, Table] = {t.name: t for t in TABLES}
-# Partitions of event_outbox_by_shard (a setting would change the meaning of stored rows).
+# Partitions of the Scylla-only shard tables (a setting would change the meaning of
+# stored rows): event_outbox_by_shard, user_ids_by_shard, blob_orphans_by_shard.
 OUTBOX_SHARDS = 16
+USER_SHARDS = 16
+ORPHAN_SHARDS = 16
+
+
+def shard_of(key: str, shards: int) -> int:
+    """The partition of a shard table a key belongs to (stable across processes)."""
+    return zlib.crc32(key.encode()) % shards
 
 
 def tables_for(backend: Backend) -> list[Table]:
@@ -197,9 +220,65 @@ def cql_create_table(table: Table, keyspace: str) -> str:
 
 
 def cql_schema(keyspace: str, replication: dict[str, str | int]) -> list[str]:
-    """Keyspace and every Scylla table, in order (``mailgrid migrate`` runs these)."""
+    """Keyspace and every Scylla table, in order (``mailgrid migrate`` on a new keyspace)."""
     return [cql_create_keyspace(keyspace, replication),
             *(cql_create_table(t, keyspace) for t in tables_for("scylla"))]
+
+
+# ---------------------------------------------------------------- migration
+
+# Type names a cluster may describe a column with, and the name schema.py uses.
+_CQL_ALIASES = {"varchar": "text"}
+
+
+class SchemaConflict(ValueError):
+    """An existing table cannot become its definition by adding columns."""
+
+
+def cql_add_column(table: Table, column: Column, keyspace: str) -> str:
+    return (f"ALTER TABLE {_ident(keyspace)}.{table.name} "
+            f"ADD {_ident(column.name)} {cql_type(column)}")
+
+
+def cql_migration(keyspace: str, replication: dict[str, str | int],
+                  existing: Mapping[str, Mapping[str, str]] | None) -> list[str]:
+    """What ``mailgrid migrate`` runs, given what the keyspace holds: ``existing`` maps
+    each existing table to its columns and their CQL types (None: no keyspace yet).
+
+    A missing table is created, a missing column is added (ALTER TABLE ... ADD); nothing
+    is ever dropped, tables or columns schema.py does not know are left alone, and an
+    existing keyspace keeps its replication (changing it is an operator's decision). A
+    column of another type, or a missing key column (CQL cannot add one), raises
+    SchemaConflict: such a change needs a new table and a copy, by hand.
+    """
+    if existing is None:
+        return cql_schema(keyspace, replication)
+    statements: list[str] = []
+    for table in tables_for("scylla"):
+        columns = existing.get(table.name)
+        if columns is None:
+            statements.append(cql_create_table(table, keyspace))
+            continue
+        have = {name: _CQL_ALIASES.get(t.lower(), t.lower()) for name, t in columns.items()}
+        for column in table.columns:
+            found = have.get(column.name)
+            if found is None and column.name in table.primary_key:
+                raise SchemaConflict(
+                    f"{keyspace}.{table.name} lacks key column {column.name}: a primary key "
+                    "cannot change; create the table anew and copy the rows")
+            if found is None:
+                statements.append(cql_add_column(table, column, keyspace))
+            elif found != cql_type(column):
+                raise SchemaConflict(
+                    f"{keyspace}.{table.name}.{column.name} is {found}, schema.py says "
+                    f"{cql_type(column)}: a column type cannot change in place")
+    return statements
+
+
+# ---------------------------------------------------------------- statements
+
+# What a LIMIT bind marker stands for in Statement.params.
+LIMIT = "[limit]"
 
 
 @dataclass(frozen=True)
@@ -212,6 +291,8 @@ class Statement:
     # The clustering column bounded by a range (its last WHERE column), if any.
     range_op: str = ""
     lwt: bool = False
+    # The column each bind marker stands for, in marker order (LIMIT for a LIMIT ?).
+    params: tuple[str, ...] = ()
 
 
 def _ident(name: str) -> str:
@@ -242,6 +323,15 @@ def _where(table: Table, where: Sequence[str], range_op: str = "") -> str:
     return " AND ".join(parts)
 
 
+def _if(table: Table, if_columns: Sequence[str]) -> str:
+    """An LWT condition on non-key columns (compare-and-set on the values read)."""
+    for name in if_columns:
+        if name in table.primary_key:
+            raise ValueError(f"{table.name}: cannot IF a key column {name!r}")
+        table.column(name)
+    return " IF " + " AND ".join(f"{n} = ?" for n in if_columns) if if_columns else ""
+
+
 def select(table: Table, keyspace: str, where: Sequence[str], *,
            columns: Sequence[str] = (), range_op: str = "", limit: bool = False
            ) -> Statement:
@@ -251,7 +341,8 @@ def select(table: Table, keyspace: str, where: Sequence[str], *,
            f"WHERE {_where(table, where, range_op)}")
     if limit:
         cql += " LIMIT ?"
-    return Statement(table.name, cql, tuple(where), range_op)
+    return Statement(table.name, cql, tuple(where), range_op,
+                     params=(*where, *((LIMIT,) if limit else ())))
 
 
 def insert(table: Table, keyspace: str, *, if_not_exists: bool = False) -> Statement:
@@ -262,32 +353,42 @@ def insert(table: Table, keyspace: str, *, if_not_exists: bool = False) -> State
            f"VALUES ({', '.join('?' * len(names))})")
     if if_not_exists:
         cql += " IF NOT EXISTS"
-    return Statement(table.name, cql, lwt=if_not_exists)
+    return Statement(table.name, cql, lwt=if_not_exists, params=names)
 
 
 def update(table: Table, keyspace: str, set_columns: Sequence[str], *,
            if_columns: Sequence[str] = ()) -> Statement:
     """UPDATE of one row (the whole primary key) ; ``if_columns`` makes it an LWT."""
     key = table.primary_key
-    for name in (*set_columns, *if_columns):
+    for name in set_columns:
         if name in key:
-            raise ValueError(f"{table.name}: cannot SET or IF a key column {name!r}")
+            raise ValueError(f"{table.name}: cannot SET a key column {name!r}")
         table.column(name)
     if table.is_counter_table:
         sets = ", ".join(f"{n} = {n} + ?" for n in set_columns)
     else:
         sets = ", ".join(f"{n} = ?" for n in set_columns)
-    cql = f"UPDATE {_ident(keyspace)}.{table.name} SET {sets} WHERE {_where(table, key)}"
-    if if_columns:
-        cql += " IF " + " AND ".join(f"{n} = ?" for n in if_columns)
-    return Statement(table.name, cql, key, lwt=bool(if_columns))
+    cql = (f"UPDATE {_ident(keyspace)}.{table.name} SET {sets} WHERE {_where(table, key)}"
+           f"{_if(table, if_columns)}")
+    return Statement(table.name, cql, key, lwt=bool(if_columns),
+                     params=(*set_columns, *key, *if_columns))
 
 
-def delete(table: Table, keyspace: str, where: Sequence[str] | None = None) -> Statement:
-    """DELETE of one row (default) or of a key prefix (a whole partition)."""
+def delete(table: Table, keyspace: str, where: Sequence[str] | None = None, *,
+           if_columns: Sequence[str] = ()) -> Statement:
+    """DELETE of one row (default) or of a key prefix (a whole partition);
+    ``if_columns`` (one row only) makes it an LWT that deletes only unchanged rows."""
     names = tuple(where) if where is not None else table.primary_key
-    return Statement(table.name, f"DELETE FROM {_ident(keyspace)}.{table.name} "
-                                 f"WHERE {_where(table, names)}", names)
+    if if_columns and names != table.primary_key:
+        raise ValueError(f"{table.name}: a conditional DELETE names one row")
+    cql = (f"DELETE FROM {_ident(keyspace)}.{table.name} WHERE {_where(table, names)}"
+           f"{_if(table, if_columns)}")
+    return Statement(table.name, cql, names, lwt=bool(if_columns),
+                     params=(*names, *if_columns))
+
+
+# The state an update or delete of a message compares-and-sets (see store_scylla).
+EMAIL_STATE = ("folder_id", "is_read", "is_starred")
 
 
 def cql_statements(keyspace: str) -> dict[str, Statement]:
@@ -301,6 +402,9 @@ def cql_statements(keyspace: str) -> dict[str, Statement]:
         "user": select(t["users"], ks, ["user_id"]),
         "insert_user": insert(t["users"], ks),
         "set_used_bytes": update(t["users"], ks, ["used_bytes"], if_columns=["used_bytes"]),
+        "insert_user_id": insert(t["user_ids_by_shard"], ks),
+        "user_ids_after": select(t["user_ids_by_shard"], ks, ["shard", "user_id"],
+                                 columns=["user_id"], range_op=">", limit=True),
         "folders": select(t["folders_by_user"], ks, ["user_id"]),
         "insert_folder": insert(t["folders_by_user"], ks),
         "folder_counts": select(t["folder_counters"], ks, ["user_id"]),
@@ -321,9 +425,11 @@ def cql_statements(keyspace: str) -> dict[str, Statement]:
         "delete_unread": delete(t["unread_emails"], ks),
         "email": select(t["emails_by_user"], ks, ["user_id", "email_id"]),
         "insert_email": insert(t["emails_by_user"], ks),
-        "set_email_state": update(t["emails_by_user"], ks,
-                                  ["folder_id", "is_read", "is_starred"]),
+        "set_email_state": update(t["emails_by_user"], ks, EMAIL_STATE,
+                                  if_columns=EMAIL_STATE),
         "delete_email": delete(t["emails_by_user"], ks),
+        "delete_email_if_unchanged": delete(t["emails_by_user"], ks,
+                                            if_columns=EMAIL_STATE),
         "attachments": select(t["attachments"], ks, ["email_id"]),
         "insert_attachment": insert(t["attachments"], ks),
         "delete_attachments": delete(t["attachments"], ks, ["email_id"]),
@@ -340,6 +446,13 @@ def cql_statements(keyspace: str) -> dict[str, Statement]:
         "delete_blob_ref": delete(t["blob_refs"], ks),
         "any_blob_ref": select(t["blob_refs"], ks, ["blob_key"], columns=["owner"],
                                limit=True),
+        "orphan": select(t["blob_orphans_by_shard"], ks, ["shard", "blob_key"],
+                         columns=["since"]),
+        "orphans_of_shard": select(t["blob_orphans_by_shard"], ks, ["shard"],
+                                   columns=["blob_key", "since"]),
+        "insert_orphan": insert(t["blob_orphans_by_shard"], ks),
+        "delete_orphan": delete(t["blob_orphans_by_shard"], ks),
+        "claim_orphan": delete(t["blob_orphans_by_shard"], ks, if_columns=["since"]),
         "message_check": select(t["message_checks"], ks, ["user_id", "email_id"],
                                 columns=["verdict"]),
         "insert_message_check": insert(t["message_checks"], ks),

@@ -30,7 +30,7 @@ from mailgrid.errors import (
 )
 from mailgrid.v1 import common_pb2, events_pb2, metadata_pb2
 from metadata_svc import schema
-from metadata_svc.ports import MetadataStore
+from metadata_svc.ports import MetadataStore, StoredDelivery
 from metadata_svc.store_scylla import ScyllaLocation, ScyllaMetadataStore
 from metadata_svc.store_scylla import migrate as migrate_scylla
 from metadata_svc.store_sqlite import SQLiteMetadataStore
@@ -392,6 +392,40 @@ class MetadataStoreContract:
         assert (again.email_id, again.created) == (stored.email_id, False)
         assert (await folder(store, user.user_id, "inbox")).total == 0
 
+    async def test_a_batch_files_each_delivery_and_a_refused_one_changes_nothing(
+            self, store: MetadataStore, user: common_pb2.User) -> None:
+        small = await store.create_user("tiny@example.test", "pw", quota_bytes=150)
+        results = await store.store_deliveries([
+            delivery(user.user_id, "job-b:1", subject="one"),
+            delivery(small.user_id, "job-b:2", size=100),
+            delivery(small.user_id, "job-b:3", size=100),    # would pass the quota
+            delivery(user.user_id, "job-b:1", subject="one"),  # a repeat in the batch
+            delivery("", "job-b:4"),                           # no user id
+        ])
+        first, second, over, repeat, invalid = results
+        assert isinstance(first, StoredDelivery) and first.created
+        assert isinstance(second, StoredDelivery) and second.created
+        assert isinstance(over, QuotaExceeded)
+        assert isinstance(repeat, StoredDelivery)
+        assert (repeat.email_id, repeat.created) == (first.email_id, False)
+        assert isinstance(invalid, InvalidArgument)
+        assert (await folder(store, user.user_id, "inbox")).total == 1
+        assert (await folder(store, small.user_id, "inbox")).total == 1
+        assert (await store.get_user(small.user_id)).used_bytes == 100
+        assert await store.delivered_email_id(small.user_id, "job-b:3") is None
+
+    async def test_get_messages_answers_each_and_none_for_missing_or_foreign(
+            self, store: MetadataStore, user: common_pb2.User, other: common_pb2.User
+            ) -> None:
+        mine = await store.store_delivery(delivery(user.user_id, "job-g:1", subject="mine"))
+        theirs = await store.store_delivery(delivery(other.user_id, "job-g:2"))
+        found = await store.get_messages([
+            (user.user_id, mine.email_id), (user.user_id, theirs.email_id),
+            (user.user_id, "not-an-id"), (other.user_id, theirs.email_id)])
+        assert [m.email_id if m else None for m in found] == [
+            mine.email_id, None, None, theirs.email_id]
+        assert found[0] is not None and found[0].subject == "mine"
+
     async def test_delivery_key_is_scoped_per_user(
             self, store: MetadataStore, user: common_pb2.User, other: common_pb2.User
             ) -> None:
@@ -556,6 +590,81 @@ class MetadataStoreContract:
                                    folder="inbox")
         assert await events(store) == []
 
+    # listing users
+
+    async def test_users_are_listed_in_id_order_page_by_page(
+            self, store: MetadataStore) -> None:
+        created = sorted([(await store.create_user(f"u{i}@example.test", "pw")).user_id
+                          for i in range(5)])
+        seen: list[str] = []
+        token = ""
+        while True:
+            users, token = await store.list_users(page_size=2, page_token=token)
+            seen += [u.user_id for u in users]
+            if not token:
+                break
+            assert token == users[-1].user_id
+        assert seen == created
+        users, token = await store.list_users()
+        assert [u.user_id for u in users] == created and token == ""
+        with pytest.raises(InvalidArgument):
+            await store.list_users(page_size=1001)
+
+    # sender lists and spam feedback
+
+    async def test_sender_list_entries_are_set_replaced_and_removed(
+            self, store: MetadataStore, user: common_pb2.User) -> None:
+        uid = user.user_id
+        assert await store.sender_lists(uid) == []
+        await store.update_sender_list(uid, common_pb2.SenderListEntry(
+            sender="Spam.Test", allow=False))
+        entries = await store.update_sender_list(uid, common_pb2.SenderListEntry(
+            sender=" Bob@X.org ", allow=True))
+        assert [(e.sender, e.allow, e.source) for e in entries] == [
+            ("bob@x.org", True, "user"), ("spam.test", False, "user")]
+        entries = await store.update_sender_list(uid, common_pb2.SenderListEntry(
+            sender="bob@x.org", allow=False))
+        assert [(e.sender, e.allow) for e in entries] == [
+            ("bob@x.org", False), ("spam.test", False)]
+        entries = await store.update_sender_list(
+            uid, common_pb2.SenderListEntry(sender="BOB@x.org"), remove=True)
+        assert [e.sender for e in entries] == ["spam.test"]
+        assert await store.sender_lists(uid) == entries
+        with pytest.raises(InvalidArgument):
+            await store.update_sender_list(uid, common_pb2.SenderListEntry(sender="@x.org"))
+        with pytest.raises(NotFound):
+            await store.sender_lists("no-such-user")
+
+    async def test_moves_into_and_out_of_spam_feed_the_sender_list(
+            self, store: MetadataStore, user: common_pb2.User) -> None:
+        uid = user.user_id
+        stored = await store.store_delivery(delivery(uid, "d1"))
+        await store.update_message(uid, stored.email_id, folder="spam")
+        assert [(e.sender, e.allow, e.source) for e in await store.sender_lists(uid)] == [
+            ("ann@x.org", False, "feedback")]
+        await store.update_message(uid, stored.email_id, folder="inbox")
+        assert [(e.sender, e.allow) for e in await store.sender_lists(uid)] == [
+            ("ann@x.org", True)]
+        await store.update_message(uid, stored.email_id, folder="spam")
+        await store.delete_message(uid, stored.email_id)  # to Trash: no verdict
+        assert [(e.sender, e.allow) for e in await store.sender_lists(uid)] == [
+            ("ann@x.org", False)]
+
+    # inbound checks
+
+    async def test_inbound_checks_are_kept_with_the_message(
+            self, store: MetadataStore, user: common_pb2.User) -> None:
+        request = delivery(user.user_id, "d1", folder="spam")
+        request.checks.authentication_results = "mx.example.test; spf=fail"
+        request.checks.spam.score, request.checks.spam.threshold = 7.5, 5.0
+        request.checks.spam.rules.add(name="SPF_FAIL", score=3.0, detail="spf=fail")
+        request.checks.reason = "spam score 7.5 >= 5.0"
+        stored = await store.store_delivery(request)
+        message = await store.get_message(user.user_id, stored.email_id)
+        assert message.checks == request.checks
+        plain = await store.store_delivery(delivery(user.user_id, "d2"))
+        assert not (await store.get_message(user.user_id, plain.email_id)).HasField("checks")
+
     async def test_removed_events_are_not_pending_and_ids_are_unique(
             self, store: MetadataStore, user: common_pb2.User) -> None:
         for i in range(3):
@@ -647,8 +756,6 @@ def _cql(location: ScyllaLocation, statements: list[str]) -> None:
         cluster.shutdown()
 
 
-@pytest.mark.xfail(raises=NotImplementedError, strict=False,
-                   reason="operation not built in ScyllaMetadataStore yet (see its doc)")
 class TestScyllaMetadataStore(MetadataStoreContract):
     @pytest.fixture
     async def store(self, scylla_keyspace: ScyllaLocation) -> AsyncIterator[MetadataStore]:

@@ -131,3 +131,96 @@ def test_generated_sqlite_tables_match_the_adapter_tables() -> None:
 
 def _sqlite_schema_script() -> str:
     return SCHEMA
+
+
+@pytest.mark.parametrize("name", sorted(STATEMENTS))
+def test_each_bind_marker_stands_for_a_column_of_its_table(name: str) -> None:
+    statement = STATEMENTS[name]
+    table = schema.BY_NAME[statement.table]
+    assert statement.cql.count("?") == len(statement.params)
+    for column in statement.params:
+        if column != schema.LIMIT:
+            table.column(column)
+    if " LIMIT ?" in statement.cql:
+        assert statement.params[-1] == schema.LIMIT
+    assert statement.lwt == (" IF " in statement.cql)
+
+
+def test_message_changes_compare_and_set_the_state_they_read() -> None:
+    assert STATEMENTS["set_email_state"].cql.endswith(
+        " IF folder_id = ? AND is_read = ? AND is_starred = ?")
+    assert STATEMENTS["delete_email_if_unchanged"].params == (
+        "user_id", "email_id", "folder_id", "is_read", "is_starred")
+    assert STATEMENTS["claim_orphan"].cql == (
+        f"DELETE FROM {KS}.blob_orphans_by_shard WHERE shard = ? AND blob_key = ? "
+        "IF since = ?")
+    with pytest.raises(ValueError, match="names one row"):
+        schema.delete(schema.BY_NAME["attachments"], KS, ["email_id"], if_columns=["size"])
+    with pytest.raises(ValueError, match="key column"):
+        schema.update(schema.BY_NAME["users"], KS, ["used_bytes"], if_columns=["user_id"])
+
+
+def test_scylla_only_tables_say_why_sqlite_has_no_twin() -> None:
+    sqlite_names = {t.name for t in schema.tables_for("sqlite")}
+    for table in schema.tables_for("scylla"):
+        if table.name not in sqlite_names:
+            assert table.backends == frozenset({"scylla"})
+            assert table.doc, table.name
+    assert {t.name for t in schema.tables_for("scylla")} - sqlite_names == {
+        "user_ids_by_shard", "blob_orphans_by_shard", "event_outbox_by_shard"}
+
+
+def test_shard_of_is_stable_and_in_range() -> None:
+    assert schema.shard_of("alice", 16) == schema.shard_of("alice", 16)
+    assert {schema.shard_of(str(i), 16) for i in range(200)} == set(range(16))
+
+
+# migrate: a pure planner over what the keyspace holds
+
+
+def _described(*, skip_tables: tuple[str, ...] = (),
+               skip_columns: tuple[tuple[str, str], ...] = ()) -> dict[str, dict[str, str]]:
+    """A keyspace as the driver describes it, built from the definitions."""
+    return {t.name: {c.name: schema.cql_type(c) for c in t.columns
+                     if (t.name, c.name) not in skip_columns}
+            for t in schema.tables_for("scylla") if t.name not in skip_tables}
+
+
+def test_migrating_no_keyspace_creates_keyspace_and_every_table() -> None:
+    assert schema.cql_migration(KS, {"replication_factor": 3}, None) == CREATES
+
+
+def test_migrating_an_up_to_date_keyspace_runs_nothing() -> None:
+    assert schema.cql_migration(KS, {"replication_factor": 3}, _described()) == []
+
+
+def test_migration_adds_missing_columns_and_creates_missing_tables_only() -> None:
+    existing = _described(
+        skip_tables=("blob_orphans_by_shard",),
+        skip_columns=(("emails_by_user", "parse_problems_json"), ("emails_by_user", "size"),
+                      ("folder_counters", "unread")))
+    existing["emails_by_user"]["legacy_column"] = "text"  # left alone, never dropped
+    existing["old_table"] = {"id": "text"}
+    assert schema.cql_migration(KS, {"replication_factor": 3}, existing) == [
+        f"ALTER TABLE {KS}.folder_counters ADD unread counter",
+        f"ALTER TABLE {KS}.emails_by_user ADD parse_problems_json text",
+        f"ALTER TABLE {KS}.emails_by_user ADD size bigint",
+        next(c for c in CREATES if f"{KS}.blob_orphans_by_shard " in c),
+    ]
+
+
+def test_migration_reads_type_aliases_and_timeuuid_keys_as_the_same_type() -> None:
+    existing = _described()
+    existing["users"]["address"] = "varchar"
+    existing["emails_by_folder"]["email_key"] = "timeuuid"
+    assert schema.cql_migration(KS, {"replication_factor": 1}, existing) == []
+
+
+def test_migration_refuses_a_changed_type_or_a_missing_key_column() -> None:
+    existing = _described()
+    existing["users"]["used_bytes"] = "int"
+    with pytest.raises(schema.SchemaConflict, match=r"users\.used_bytes is int"):
+        schema.cql_migration(KS, {"replication_factor": 1}, existing)
+    with pytest.raises(schema.SchemaConflict, match="lacks key column email_key"):
+        schema.cql_migration(KS, {"replication_factor": 1}, _described(
+            skip_columns=(("threads", "email_key"),)))
