@@ -158,12 +158,31 @@ async def ensure_consumer(js: JetStreamContext, settings: Settings) -> None:
         raise Unavailable(f"cannot create consumer {DURABLE} on {STREAM}: {err}") from err
 
 
+def decode_jobs(data: bytes, headers: dict[str, str] | None) -> list[delivery_pb2.InboundJob]:
+    """The jobs of an INBOUND message: an InboundBatch when the header says so, else one
+    InboundJob. PoisonJob if any of them cannot be processed."""
+    if not headers or bus.INBOUND_BATCH_HEADER not in headers:
+        return [decode_job(data)]
+    try:
+        batch = delivery_pb2.InboundBatch.FromString(data)
+    except (DecodeError, ValueError) as err:
+        raise PoisonJob(f"payload is not an InboundBatch: {err}") from err
+    if not batch.jobs:
+        raise PoisonJob("InboundBatch without jobs")
+    return [check_job(job) for job in batch.jobs]
+
+
 def decode_job(data: bytes) -> delivery_pb2.InboundJob:
     """The InboundJob in ``data``; PoisonJob if it is not one that can be processed."""
     try:
         job = delivery_pb2.InboundJob.FromString(data)
     except (DecodeError, ValueError) as err:
         raise PoisonJob(f"payload is not an InboundJob: {err}") from err
+    return check_job(job)
+
+
+def check_job(job: delivery_pb2.InboundJob) -> delivery_pb2.InboundJob:
+    """``job`` if it has what filing needs; PoisonJob otherwise."""
     missing = [name for name, value in (("queue_id", job.queue_id),
                                         ("blob_key or raw", job.blob_key or job.raw),
                                         ("rcpt_to", list(job.rcpt_to))) if not value]
@@ -226,36 +245,41 @@ class InboundWorker:
         """
         keepalive = asyncio.create_task(self._keep_alive(msgs))
         try:
-            filings: list[Filing] = []
+            units: list[list[Filing]] = []  # the jobs of each message
             batch = Batch()
             for msg in msgs:
-                filing = await self._prepare(msg, batch)
-                if filing is not None:
-                    filings.append(filing)
-                if batch.size >= BATCH_BYTES:
-                    await self._store(batch)
-                    batch = Batch()
+                jobs = await self._jobs(msg)
+                unit: list[Filing] = []
+                for job in jobs:
+                    unit.append(await self._prepare(msg, job, batch))
+                    if batch.size >= BATCH_BYTES:
+                        await self._store(batch)
+                        batch = Batch()
+                if unit:
+                    units.append(unit)
             await self._store(batch)
             pause = 0.0
-            for filing in filings:
-                pause = max(pause, await self._settle(filing))
+            for unit in units:
+                pause = max(pause, await self._settle(unit))
             return pause
         finally:
             keepalive.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keepalive
 
-    async def _prepare(self, msg: Msg, batch: Batch) -> Filing | None:
-        """Reads, parses and checks one job and adds its copies to ``batch``; None for a
-        poison message (dead-lettered at once)."""
-        attempts = _attempts(msg)
+    async def _jobs(self, msg: Msg) -> list[delivery_pb2.InboundJob]:
+        """The jobs a message carries; none for a poison message (dead-lettered now)."""
         try:
-            job = decode_job(msg.data)
+            return decode_jobs(msg.data, msg.headers)
         except PoisonJob as err:
             log.error("%s: poison message %s: %s", self.name, bus.stream_seq(msg), err)
-            await self._give_up(msg, str(err), attempts, err.blob_key)
-            return None
-        filing = Filing(msg, job, attempts)
+            await self._give_up(msg, str(err), _attempts(msg), err.blob_key)
+            return []
+
+    async def _prepare(self, msg: Msg, job: delivery_pb2.InboundJob, batch: Batch
+                       ) -> Filing:
+        """Reads, parses and checks one job and adds its copies to ``batch``."""
+        filing = Filing(msg, job, _attempts(msg))
         batch.add_filing(filing)
         try:
             await self._add_copies(filing, batch)
@@ -351,27 +375,42 @@ class InboundWorker:
                 log.debug("%s: %s → %s email %s (new: %s)", self.name, filing.job.queue_id,
                           rcpt, outcome.email_id, outcome.created)
 
-    async def _settle(self, filing: Filing) -> float:
-        msg, job, attempts, report = filing.msg, filing.job, filing.attempts, filing.report
-        if filing.failed:
-            await self._give_up(msg, filing.failed, attempts, job.blob_key)
-            return 0.0
+    async def _settle(self, unit: list[Filing]) -> float:
+        """Acks (or retries) one message once each of its jobs is filed or given up."""
+        msg, attempts = unit[0].msg, unit[0].attempts
         last = attempts >= self.settings.inbound_max_deliver > 0
-        if report.temporary and not last:
-            return await self._retry(msg, job, report, attempts)
-        failures = report.permanent + [
-            (rcpt, f"gave up after {attempts} attempts: {err.detail}")
-            for rcpt, err in report.temporary]
-        if not await self._dead_letter_recipients(msg, job, failures, attempts):
+        retry = [filing for filing in unit if filing.report.temporary and not filing.failed]
+        if retry and not last:
+            # The whole message comes back; its stored copies are repeats then, which
+            # the delivery keys turn into no-ops.
+            return await self._retry(msg, retry[0].job, retry[0].report, attempts)
+        settled = True
+        for filing in unit:
+            settled &= await self._give_up_on(filing, attempts)
+        if not settled:
             await self._nak(msg, attempts)
             return 0.0
-        if report.temporary:
+        if any(filing.failed or filing.report.temporary for filing in unit):
             await msg.term()
         else:
             await msg.ack()
+        return 0.0
+
+    async def _give_up_on(self, filing: Filing, attempts: int) -> bool:
+        """Dead-letters what of a job could not be filed; False if DEAD is unreachable."""
+        job, report = filing.job, filing.report
+        if filing.failed:
+            letter = _dead_letter(filing.msg, job.SerializeToString(), filing.failed,
+                                  attempts, job.blob_key)
+            return await self._publish_dead(letter, f"dead-inbound-{job.queue_id}")
+        failures = report.permanent + [
+            (rcpt, f"gave up after {attempts} attempts: {err.detail}")
+            for rcpt, err in report.temporary]
+        if not await self._dead_letter_recipients(filing.msg, job, failures, attempts):
+            return False
         log.info("%s: job %s filed for %d recipient(s), %d dead-lettered", self.name,
                  job.queue_id, len(report.stored), len(failures))
-        return 0.0
+        return True
 
     async def _retry(self, msg: Msg, job: delivery_pb2.InboundJob, report: Report,
                      attempts: int) -> float:

@@ -26,6 +26,8 @@ from mailgrid.errors import Unavailable
 log = logging.getLogger(__name__)
 
 INBOUND_SUBJECT = "mail.inbound"
+# Header of an INBOUND message whose payload is an InboundBatch, not one InboundJob.
+INBOUND_BATCH_HEADER = "Mailgrid-Inbound-Batch"
 OUTBOUND_PREFIX = "mail.outbound"
 EVENTS_PREFIX = "mail.events"
 # EVENTS republishes each stored event here, with its stream sequence in Nats-Sequence and
@@ -119,11 +121,11 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
 
 
 async def publish(js: JetStreamContext, subject: str, payload: bytes, msg_id: str,
-                  timeout: float = 5.0) -> int:
+                  timeout: float = 5.0, headers: dict[str, str] | None = None) -> int:
     """Publishes durably (the ack means stored) and returns the stream sequence."""
     try:
         ack = await js.publish(subject, payload, timeout=timeout,
-                               headers={"Nats-Msg-Id": msg_id})
+                               headers={**(headers or {}), "Nats-Msg-Id": msg_id})
     except Exception as err:  # timeouts, no responders, connection loss
         raise Unavailable(f"could not publish to {subject}: {err}") from err
     return int(ack.seq)

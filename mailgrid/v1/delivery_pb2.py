@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amailgrid/v1/delivery.proto\x12\x0bmailgrid.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xce\x01\n\x14SubmitMessageRequest\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x16\n\x0esender_user_id\x18\x02 \x01(\t\x12\x11\n\tmail_from\x18\x03 \x01(\t\x12\x12\n\nrecipients\x18\x04 \x03(\t\x12\x10\n\x08\x62lob_key\x18\x05 \x01(\t\x12\x0c\n\x04size\x18\x06 \x01(\x03\x12\x15\n\rsent_blob_key\x18\x07 \x01(\t\x12\x11\n\tsent_size\x18\x08 \x01(\x03\x12\x16\n\x0e\x64raft_email_id\x18\t \x01(\t\"B\n\x15SubmitMessageResponse\x12\x15\n\rsent_email_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\"\xab\x02\n\x0bOutboundJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08\x62lob_key\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x11\n\tmail_from\x18\x04 \x01(\t\x12\x16\n\x0esender_user_id\x18\x05 \x01(\t\x12\x0e\n\x06\x64omain\x18\x06 \x01(\t\x12\x0f\n\x07rcpt_to\x18\x07 \x03(\t\x12-\n\tqueued_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmessage_id\x18\t \x01(\t\x12\x19\n\x11previous_attempts\x18\n \x01(\r\x12\x12\n\nlast_error\x18\x0b \x01(\t\x12.\n\nnot_before\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc6\x01\n\nInboundJob\x12\x10\n\x08queue_id\x18\x01 \x01(\t\x12\x10\n\x08\x62lob_key\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x11\n\tmail_from\x18\x04 \x01(\t\x12\x0f\n\x07rcpt_to\x18\x05 \x03(\t\x12\x16\n\x0e\x63lient_address\x18\x06 \x01(\t\x12\x0c\n\x04helo\x18\x07 \x01(\t\x12/\n\x0breceived_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03raw\x18\t \x01(\x0c\"\xa1\x01\n\nDeadLetter\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\x12-\n\tfailed_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x62lob_key\x18\x07 \x01(\t\"\x16\n\x14GetQueueStatsRequest\"x\n\nQueueStats\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x10\n\x08messages\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x13\n\x0bpending_ack\x18\x04 \x01(\x04\x12\x0f\n\x07pending\x18\x05 \x01(\x04\x12\x13\n\x0bredelivered\x18\x06 \x01(\x04\"@\n\x15GetQueueStatsResponse\x12\'\n\x06queues\x18\x01 \x03(\x0b\x32\x17.mailgrid.v1.QueueStats\"\xd9\x01\n\tQueuedJob\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x18.mailgrid.v1.OutboundJob\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.mailgrid.v1.JobState\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x30\n\x0cnext_attempt\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06stream\x18\x06 \x01(\t\x12\x17\n\x0fstream_sequence\x18\x07 \x01(\x04\"H\n\x10ListQueueRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12%\n\x06states\x18\x02 \x03(\x0e\x32\x15.mailgrid.v1.JobState\"L\n\x11ListQueueResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.mailgrid.v1.QueuedJob\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"!\n\x0fRetryJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"7\n\x10RetryJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.mailgrid.v1.QueuedJob\" \n\x0e\x44ropJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"6\n\x0f\x44ropJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.mailgrid.v1.QueuedJob*}\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x14\n\x10JOB_STATE_ACTIVE\x10\x02\x12\x16\n\x12JOB_STATE_DEFERRED\x10\x03\x12\x12\n\x0eJOB_STATE_DEAD\x10\x04\x32\x9c\x03\n\x0f\x44\x65liveryService\x12V\n\rGetQueueStats\x12!.mailgrid.v1.GetQueueStatsRequest\x1a\".mailgrid.v1.GetQueueStatsResponse\x12V\n\rSubmitMessage\x12!.mailgrid.v1.SubmitMessageRequest\x1a\".mailgrid.v1.SubmitMessageResponse\x12J\n\tListQueue\x12\x1d.mailgrid.v1.ListQueueRequest\x1a\x1e.mailgrid.v1.ListQueueResponse\x12G\n\x08RetryJob\x12\x1c.mailgrid.v1.RetryJobRequest\x1a\x1d.mailgrid.v1.RetryJobResponse\x12\x44\n\x07\x44ropJob\x12\x1b.mailgrid.v1.DropJobRequest\x1a\x1c.mailgrid.v1.DropJobResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amailgrid/v1/delivery.proto\x12\x0bmailgrid.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xce\x01\n\x14SubmitMessageRequest\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x16\n\x0esender_user_id\x18\x02 \x01(\t\x12\x11\n\tmail_from\x18\x03 \x01(\t\x12\x12\n\nrecipients\x18\x04 \x03(\t\x12\x10\n\x08\x62lob_key\x18\x05 \x01(\t\x12\x0c\n\x04size\x18\x06 \x01(\x03\x12\x15\n\rsent_blob_key\x18\x07 \x01(\t\x12\x11\n\tsent_size\x18\x08 \x01(\x03\x12\x16\n\x0e\x64raft_email_id\x18\t \x01(\t\"B\n\x15SubmitMessageResponse\x12\x15\n\rsent_email_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\"\xab\x02\n\x0bOutboundJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08\x62lob_key\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x11\n\tmail_from\x18\x04 \x01(\t\x12\x16\n\x0esender_user_id\x18\x05 \x01(\t\x12\x0e\n\x06\x64omain\x18\x06 \x01(\t\x12\x0f\n\x07rcpt_to\x18\x07 \x03(\t\x12-\n\tqueued_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmessage_id\x18\t \x01(\t\x12\x19\n\x11previous_attempts\x18\n \x01(\r\x12\x12\n\nlast_error\x18\x0b \x01(\t\x12.\n\nnot_before\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc6\x01\n\nInboundJob\x12\x10\n\x08queue_id\x18\x01 \x01(\t\x12\x10\n\x08\x62lob_key\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x11\n\tmail_from\x18\x04 \x01(\t\x12\x0f\n\x07rcpt_to\x18\x05 \x03(\t\x12\x16\n\x0e\x63lient_address\x18\x06 \x01(\t\x12\x0c\n\x04helo\x18\x07 \x01(\t\x12/\n\x0breceived_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03raw\x18\t \x01(\x0c\"5\n\x0cInboundBatch\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.mailgrid.v1.InboundJob\"\xa1\x01\n\nDeadLetter\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\x12-\n\tfailed_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x62lob_key\x18\x07 \x01(\t\"\x16\n\x14GetQueueStatsRequest\"x\n\nQueueStats\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x10\n\x08messages\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x13\n\x0bpending_ack\x18\x04 \x01(\x04\x12\x0f\n\x07pending\x18\x05 \x01(\x04\x12\x13\n\x0bredelivered\x18\x06 \x01(\x04\"@\n\x15GetQueueStatsResponse\x12\'\n\x06queues\x18\x01 \x03(\x0b\x32\x17.mailgrid.v1.QueueStats\"\xd9\x01\n\tQueuedJob\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x18.mailgrid.v1.OutboundJob\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.mailgrid.v1.JobState\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x30\n\x0cnext_attempt\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06stream\x18\x06 \x01(\t\x12\x17\n\x0fstream_sequence\x18\x07 \x01(\x04\"H\n\x10ListQueueRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12%\n\x06states\x18\x02 \x03(\x0e\x32\x15.mailgrid.v1.JobState\"L\n\x11ListQueueResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.mailgrid.v1.QueuedJob\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"!\n\x0fRetryJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"7\n\x10RetryJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.mailgrid.v1.QueuedJob\" \n\x0e\x44ropJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"6\n\x0f\x44ropJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.mailgrid.v1.QueuedJob*}\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x14\n\x10JOB_STATE_ACTIVE\x10\x02\x12\x16\n\x12JOB_STATE_DEFERRED\x10\x03\x12\x12\n\x0eJOB_STATE_DEAD\x10\x04\x32\x9c\x03\n\x0f\x44\x65liveryService\x12V\n\rGetQueueStats\x12!.mailgrid.v1.GetQueueStatsRequest\x1a\".mailgrid.v1.GetQueueStatsResponse\x12V\n\rSubmitMessage\x12!.mailgrid.v1.SubmitMessageRequest\x1a\".mailgrid.v1.SubmitMessageResponse\x12J\n\tListQueue\x12\x1d.mailgrid.v1.ListQueueRequest\x1a\x1e.mailgrid.v1.ListQueueResponse\x12G\n\x08RetryJob\x12\x1c.mailgrid.v1.RetryJobRequest\x1a\x1d.mailgrid.v1.RetryJobResponse\x12\x44\n\x07\x44ropJob\x12\x1b.mailgrid.v1.DropJobRequest\x1a\x1c.mailgrid.v1.DropJobResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mailgrid.v1.delivery_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=1786
-  _globals['_JOBSTATE']._serialized_end=1911
+  _globals['_JOBSTATE']._serialized_start=1841
+  _globals['_JOBSTATE']._serialized_end=1966
   _globals['_SUBMITMESSAGEREQUEST']._serialized_start=77
   _globals['_SUBMITMESSAGEREQUEST']._serialized_end=283
   _globals['_SUBMITMESSAGERESPONSE']._serialized_start=285
@@ -42,28 +42,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OUTBOUNDJOB']._serialized_end=653
   _globals['_INBOUNDJOB']._serialized_start=656
   _globals['_INBOUNDJOB']._serialized_end=854
-  _globals['_DEADLETTER']._serialized_start=857
-  _globals['_DEADLETTER']._serialized_end=1018
-  _globals['_GETQUEUESTATSREQUEST']._serialized_start=1020
-  _globals['_GETQUEUESTATSREQUEST']._serialized_end=1042
-  _globals['_QUEUESTATS']._serialized_start=1044
-  _globals['_QUEUESTATS']._serialized_end=1164
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=1166
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=1230
-  _globals['_QUEUEDJOB']._serialized_start=1233
-  _globals['_QUEUEDJOB']._serialized_end=1450
-  _globals['_LISTQUEUEREQUEST']._serialized_start=1452
-  _globals['_LISTQUEUEREQUEST']._serialized_end=1524
-  _globals['_LISTQUEUERESPONSE']._serialized_start=1526
-  _globals['_LISTQUEUERESPONSE']._serialized_end=1602
-  _globals['_RETRYJOBREQUEST']._serialized_start=1604
-  _globals['_RETRYJOBREQUEST']._serialized_end=1637
-  _globals['_RETRYJOBRESPONSE']._serialized_start=1639
-  _globals['_RETRYJOBRESPONSE']._serialized_end=1694
-  _globals['_DROPJOBREQUEST']._serialized_start=1696
-  _globals['_DROPJOBREQUEST']._serialized_end=1728
-  _globals['_DROPJOBRESPONSE']._serialized_start=1730
-  _globals['_DROPJOBRESPONSE']._serialized_end=1784
-  _globals['_DELIVERYSERVICE']._serialized_start=1914
-  _globals['_DELIVERYSERVICE']._serialized_end=2326
+  _globals['_INBOUNDBATCH']._serialized_start=856
+  _globals['_INBOUNDBATCH']._serialized_end=909
+  _globals['_DEADLETTER']._serialized_start=912
+  _globals['_DEADLETTER']._serialized_end=1073
+  _globals['_GETQUEUESTATSREQUEST']._serialized_start=1075
+  _globals['_GETQUEUESTATSREQUEST']._serialized_end=1097
+  _globals['_QUEUESTATS']._serialized_start=1099
+  _globals['_QUEUESTATS']._serialized_end=1219
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=1221
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=1285
+  _globals['_QUEUEDJOB']._serialized_start=1288
+  _globals['_QUEUEDJOB']._serialized_end=1505
+  _globals['_LISTQUEUEREQUEST']._serialized_start=1507
+  _globals['_LISTQUEUEREQUEST']._serialized_end=1579
+  _globals['_LISTQUEUERESPONSE']._serialized_start=1581
+  _globals['_LISTQUEUERESPONSE']._serialized_end=1657
+  _globals['_RETRYJOBREQUEST']._serialized_start=1659
+  _globals['_RETRYJOBREQUEST']._serialized_end=1692
+  _globals['_RETRYJOBRESPONSE']._serialized_start=1694
+  _globals['_RETRYJOBRESPONSE']._serialized_end=1749
+  _globals['_DROPJOBREQUEST']._serialized_start=1751
+  _globals['_DROPJOBREQUEST']._serialized_end=1783
+  _globals['_DROPJOBRESPONSE']._serialized_start=1785
+  _globals['_DROPJOBRESPONSE']._serialized_end=1839
+  _globals['_DELIVERYSERVICE']._serialized_start=1969
+  _globals['_DELIVERYSERVICE']._serialized_end=2381
 # @@protoc_insertion_point(module_scope)

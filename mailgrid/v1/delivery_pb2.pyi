@@ -246,6 +246,31 @@ class InboundJob(_message.Message):
 Global___InboundJob: _TypeAlias = InboundJob  # noqa: Y015
 
 @_typing.final
+class InboundBatch(_message.Message):
+    """Payload of an INBOUND message that carries several jobs at once (marked by the
+    Mailgrid-Inbound-Batch header): the jobs an SMTP edge accepted while its previous
+    publish was being stored, made durable together with one write and one fsync.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___InboundJob]: ...
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___InboundJob] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InboundBatch: _TypeAlias = InboundBatch  # noqa: Y015
+
+@_typing.final
 class DeadLetter(_message.Message):
     """Payload of a message on mail.dead.>: work that could not be done, kept for an operator."""
 

@@ -392,3 +392,76 @@ async def test_a_job_whose_blob_is_missing_goes_to_dead_while_other_mail_is_file
     (letter,) = await eventually(lambda: dead_letters(js), "the job in DEAD")
     assert letter.blob_key == "e" * 64
     await eventually(lambda: inbound_empty(js), "both jobs settled")
+
+
+def inline_job(raw: bytes, rcpts: list[str], queue_id: str) -> delivery_pb2.InboundJob:
+    """A job carrying its raw message, as the SMTP edge publishes small ones."""
+    job = delivery_pb2.InboundJob(queue_id=queue_id, raw=raw, size=len(raw),
+                                  mail_from="sender@remote.example", rcpt_to=rcpts)
+    job.received_at.GetCurrentTime()
+    return job
+
+
+async def test_a_job_carrying_its_bytes_is_filed_and_its_bytes_and_attachment_stored(
+        delivery: DeliveryApp, client: MetadataClient, js: JetStreamContext) -> None:
+    alice = await client.create_user("alice@example.test", PASSWORD)
+    raw = make_message("Carried", attachment=ATTACHMENT)
+    job = inline_job(raw, ["alice@example.test"], "Q-inline")
+    await bus.publish(js, bus.INBOUND_SUBJECT, job.SerializeToString(), job.queue_id)
+
+    (summary,) = await eventually(lambda: inbox(client, alice), "the message in the inbox")
+    message = await client.get_message(alice.user_id, summary.email_id)
+    assert await read_all(client.raw_message(alice.user_id, message.email_id)) == raw
+    (att,) = message.attachments
+    _, body = await client.attachment(alice.user_id, message.email_id, att.attachment_id)
+    assert await read_all(body) == ATTACHMENT
+    await eventually(lambda: inbound_empty(js), "the job to be acked")
+
+
+async def test_a_batch_message_files_each_job_and_dead_letters_only_the_unknown_recipient(
+        delivery: DeliveryApp, client: MetadataClient, js: JetStreamContext) -> None:
+    alice = await client.create_user("alice@example.test", PASSWORD)
+    bob = await client.create_user("bob@example.org", PASSWORD)
+    first = inline_job(make_message("First of batch"), ["alice@example.test"], "QB1")
+    second = inline_job(make_message("Second of batch"),
+                        ["bob@example.org", "ghost@example.test"], "QB2")
+    batch = delivery_pb2.InboundBatch(jobs=[first, second])
+    await bus.publish(js, bus.INBOUND_SUBJECT, batch.SerializeToString(), "batch-QB1",
+                      headers={bus.INBOUND_BATCH_HEADER: "2"})
+
+    (letter,) = await eventually(lambda: dead_letters(js), "a dead letter")
+    assert letter.reason == "unknown recipient <ghost@example.test>"
+    single = delivery_pb2.InboundJob.FromString(letter.payload)
+    assert (single.queue_id, list(single.rcpt_to)) == ("QB2", ["ghost@example.test"])
+    await eventually(lambda: inbound_empty(js), "the batch to be settled")
+    assert [m.subject for m in await inbox(client, alice)] == ["First of batch"]
+    assert [m.subject for m in await inbox(client, bob)] == ["Second of batch"]
+
+
+async def test_a_batch_whose_store_is_down_is_retried_whole_and_filed_once(
+        app_settings: Settings, metadata: MetadataApp, client: MetadataClient,
+        js: JetStreamContext) -> None:
+    alice = await client.create_user("alice@example.test", PASSWORD)
+    jobs = [inline_job(make_message(f"Retry {n}"), ["alice@example.test"], f"QR{n}")
+            for n in range(3)]
+    batch = delivery_pb2.InboundBatch(jobs=jobs)
+    # A delivery_svc pointed at a metadata_svc that is not there yet: every attempt
+    # fails until it is pointed at the real one (a restart with the right address).
+    dead_addr = f"127.0.0.1:{free_port()}"
+    broken = DeliveryApp(app_settings.model_copy(update={"metadata_addr": dead_addr}))
+    await broken.start()
+    try:
+        await bus.publish(js, bus.INBOUND_SUBJECT, batch.SerializeToString(), "batch-QR0",
+                          headers={bus.INBOUND_BATCH_HEADER: "3"})
+        await asyncio.sleep(1.0)  # let it fail at least once
+        assert await inbox(client, alice) == []
+    finally:
+        await broken.stop()
+    working = DeliveryApp(app_settings.model_copy(update={"metadata_addr": metadata.grpc_addr}))
+    await working.start()
+    try:
+        await eventually(lambda: inbound_empty(js), "the batch to be filed")
+    finally:
+        await working.stop()
+    assert sorted(m.subject for m in await inbox(client, alice)) == [
+        "Retry 0", "Retry 1", "Retry 2"]

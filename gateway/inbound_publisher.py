@@ -1,0 +1,86 @@
+"""Group commit for accepted mail: the INBOUND publishes of one SMTP edge, batched.
+
+nats-server (with ``sync_interval: always``) writes and fsyncs each stored message on its
+own, so one publish per accepted message makes the disk's flush latency the ceiling of
+the whole edge. Here one publish is in flight at a time; the jobs accepted meanwhile
+wait and go together as one InboundBatch message (one write, one fsync), and each SMTP
+transaction gets its 250 once the batch holding its job is acknowledged. Under light
+load a batch is a single job, published as a plain InboundJob, with no added wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+
+from nats.js import JetStreamContext
+
+from mailgrid import bus
+from mailgrid.v1 import delivery_pb2
+
+log = logging.getLogger(__name__)
+
+# Bytes of jobs one batch message carries at most (under the server's max_payload).
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+
+
+class InboundPublisher:
+    def __init__(self, js: JetStreamContext, timeout: float,
+                 max_batch_bytes: int = MAX_BATCH_BYTES) -> None:
+        self.js = js
+        self.timeout = timeout
+        self.max_batch_bytes = max_batch_bytes
+        self._waiting: deque[tuple[delivery_pb2.InboundJob, int, asyncio.Future[None]]] = (
+            deque())
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def publish(self, job: delivery_pb2.InboundJob) -> None:
+        """Returns once ``job`` is stored by JetStream; raises Unavailable otherwise."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((job, job.ByteSize(), done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="inbound-publisher")
+        await done
+
+    async def _flush(self) -> None:
+        while self._waiting:
+            batch = self._take()
+            try:
+                await self._send([job for job, _, _ in batch])
+            except Exception as err:  # every job of the batch gets the same answer
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(err)
+            else:
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+
+    def _take(self) -> list[tuple[delivery_pb2.InboundJob, int, asyncio.Future[None]]]:
+        batch = [self._waiting.popleft()]
+        size = batch[0][1]
+        while self._waiting and size + self._waiting[0][1] <= self.max_batch_bytes:
+            size += self._waiting[0][1]
+            batch.append(self._waiting.popleft())
+        return batch
+
+    async def _send(self, jobs: list[delivery_pb2.InboundJob]) -> None:
+        if len(jobs) == 1:
+            await bus.publish(self.js, bus.INBOUND_SUBJECT, jobs[0].SerializeToString(),
+                              msg_id=jobs[0].queue_id, timeout=self.timeout)
+            return
+        payload = delivery_pb2.InboundBatch(jobs=jobs).SerializeToString()
+        # The first queue id names the batch: queue ids are unique, and a job is in one
+        # batch only.
+        await bus.publish(self.js, bus.INBOUND_SUBJECT, payload,
+                          msg_id=f"batch-{jobs[0].queue_id}", timeout=self.timeout,
+                          headers={bus.INBOUND_BATCH_HEADER: str(len(jobs))})
+        log.debug("published %d jobs in one INBOUND message", len(jobs))
+
+    async def close(self) -> None:
+        """Waits for the batch in flight (the jobs waiting go with it)."""
+        if self._flusher is not None:
+            with contextlib.suppress(Exception):
+                await self._flusher
