@@ -52,6 +52,11 @@ MAX_PROBLEMS = 100
 PREVIEW_CHARS = 200
 
 _ADDRESS_FIELDS = ("from", "to", "cc", "bcc", "reply-to")
+_PLAIN_TEXT = re.compile(r"[ -~]*")
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
+_SIMPLE_MAILBOX = re.compile(
+    rf"({_ATOM}(?: {_ATOM})*) <({_DOT_ATOM}@{_DOT_ATOM})>|({_DOT_ATOM}@{_DOT_ATOM})")
 _MSG_ID = re.compile(r"<([^<>\s]+)>")
 _SPACE = re.compile(r"\s+")
 # A boundary parameter (RFC 2046 5.1.1), quoted or not.
@@ -339,8 +344,11 @@ class _Parser:
         raw = self._raw(msg, "subject")
         if not raw:
             return ""
-        value = self._header(msg, "subject")
-        subject = _clean(str(value)) if value is not None else _decode_words(raw)
+        if _PLAIN_TEXT.fullmatch(raw) and "=?" not in raw:
+            subject = raw  # printable ASCII, no encoded words: the parser would return it
+        else:
+            value = self._header(msg, "subject")
+            subject = _clean(str(value)) if value is not None else _decode_words(raw)
         subject = _SPACE.sub(" ", subject).strip()
         if len(subject) > MAX_SUBJECT_CHARS:
             self.problem(f"Subject longer than {MAX_SUBJECT_CHARS} characters was cut")
@@ -353,8 +361,13 @@ class _Parser:
             self.problem("Date: missing")
             return
         when: datetime | None = None
-        value = self._header(msg, "date")
-        when = getattr(value, "datetime", None)
+        try:  # what the structured header does first; only a failure needs its defects
+            when = email.utils.parsedate_to_datetime(raw) if raw.isascii() else None
+        except (ValueError, TypeError, IndexError):
+            when = None
+        if when is None:
+            value = self._header(msg, "date")
+            when = getattr(value, "datetime", None)
         if when is None:
             try:
                 when = email.utils.parsedate_to_datetime(raw)
@@ -375,8 +388,10 @@ class _Parser:
         raw = self._raw(msg, name)
         if not raw.strip():
             return []
-        pairs: list[tuple[str, str]] | None = None
-        if len(raw) <= MAX_STRUCTURED_HEADER:
+        pairs = simple_addresses(raw)
+        if pairs is not None:
+            pass  # the plain form: no parser needed
+        elif len(raw) <= MAX_STRUCTURED_HEADER:
             pairs = self._structured_addresses(msg, name)
         else:
             self.problem(f"{_title(name)}: longer than {MAX_STRUCTURED_HEADER} bytes, "
@@ -480,6 +495,27 @@ def _first_id(raw: str) -> str:
 
 def _strip_angles(value: str) -> str:
     return value.strip().removeprefix("<").removesuffix(">").strip()
+
+
+def simple_addresses(raw: str) -> list[tuple[str, str]] | None:
+    """(display name, address) pairs of a header in the plainest form, without the full
+    RFC 5322 parser (a quarter of filing's CPU); None for anything else.
+
+    The plain form: comma-separated ``local@domain`` or ``Display Name <local@domain>``,
+    ASCII atoms only, single spaces, no comments, quotes, groups or encoded words. For it
+    the structured parser gives exactly these pairs and no defects (a property test in
+    tests/unit/test_mime.py holds the two together).
+    """
+    if "=?" in raw or len(raw) > MAX_STRUCTURED_HEADER:
+        return None
+    pairs: list[tuple[str, str]] = []
+    for item in raw.split(","):
+        match = _SIMPLE_MAILBOX.fullmatch(item.strip(" "))
+        if match is None:
+            return None
+        name, angled, bare = match.groups()
+        pairs.append((name, angled) if angled else ("", bare))
+    return pairs
 
 
 def _lenient_addresses(raw: str) -> list[tuple[str, str]]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import random
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -376,3 +378,69 @@ def test_a_long_diff_full_of_dash_lines_is_not_mistaken_for_many_parts() -> None
     parsed = _parse(raw, max_parts=10).message
     assert parsed.text == diff
     assert not any("MIME parts" in p for p in parsed.parse_problems)
+
+
+# The plain-address fast path must read every header exactly as the full parser does.
+
+_WORDS = ["Ann", "Bob", "a.b", "x", "9", "o'neil", "=?utf-8?q?Z?=", '"Q"', "(c)", "é"]
+_HEADER_PIECES = [*_WORDS, "a@b.c", "<a@b.c>", "<x.y@z>", "@", " ", "  ", ",", ", ", "<",
+                  ">", ";", ":", ".", "\t"]
+
+
+def _header_values(seed: int, count: int) -> Iterator[str]:
+    rng = random.Random(seed)
+    for _ in range(count):
+        yield "".join(rng.choice(_HEADER_PIECES) for _ in range(rng.randint(1, 8))).strip()
+
+
+def _mailbox_lists(seed: int, count: int) -> Iterator[str]:
+    """Address lists close to the plain form, some in it and some just outside."""
+    rng = random.Random(seed)
+    names = ["Ann", "Bob Smith", "o'neil", "x-y z", "A  B", "9", "Ann.", "é"]
+    addrs = ["a@b.c", "x.y@z", "q+tag@ex.ample", "a..b@c", "a@b.", "a@[1.2.3.4]"]
+    for _ in range(count):
+        items = []
+        for _ in range(rng.randint(1, 3)):
+            addr = rng.choice(addrs)
+            items.append(addr if rng.random() < 0.4 else f"{rng.choice(names)} <{addr}>")
+        yield rng.choice([", ", ",", " , "]).join(items)
+
+
+def test_plain_header_fast_paths_match_the_structured_parser(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import mailgrid.mime as mime
+
+    values = [*_header_values(7, 800), *_mailbox_lists(11, 600),
+              "Sender Person <sender@remote.example>",
+              "a@b.c, Bob <b@x.y>", "Bob  Two <b@x.y>", "Bob <b@x.y>, ", "a@b.c,,d@e.f"]
+    hits = 0
+    dates = itertools.cycle(["Tue, 10 May 2005 11:26:39 -0600", "10 May 2005 11:26 +0000",
+                             "Tue, 10 May 2005 11:26:39", "yesterday", "", "Tue, 31 Feb 2005 1:2:3",
+                             "Mon, 1 Jan 0001 00:00:00 +0000", "Tue,  10 May 2005  11:26:39 GMT",
+                             "1 Jan 99999 00:00:00 +0000"])
+    for value in values:
+        raw = (f"From: {value}\r\nTo: {value}\r\nSubject: {value}\r\n"
+               f"Date: {next(dates)}\r\n\r\nbody\r\n").encode()
+        fast = parse_message(raw).message
+        hits += mime.simple_addresses(value) is not None
+        with monkeypatch.context() as patched:
+            patched.setattr(mime, "simple_addresses", lambda raw: None)
+            patched.setattr(mime, "_PLAIN_TEXT", re.compile(r"(?!)"))
+            slow = parse_message(raw).message
+        assert fast == slow, value
+    assert hits > 100  # the generators do reach the fast path
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("Tue, 10 May 2005 11:26:39 -0600", "2005-05-10T17:26:39+00:00"),
+    ("Tue,  10 May 2005  11:26:39 GMT", "2005-05-10T11:26:39+00:00"),
+    ("Tue, 10 May 2005 11:26:39", "2005-05-10T11:26:39+00:00"),  # no zone: taken as UTC
+    ("yesterday", None), ("Tue, 31 Feb 2005 1:2:3", None)])
+def test_date_reads_as_the_structured_header_does(value: str, expected: str | None) -> None:
+    parsed = parse_message(f"Date: {value}\r\n\r\nx\r\n".encode())
+    message = parsed.message
+    got = (message.date.ToDatetime(tzinfo=UTC).isoformat() if message.HasField("date")
+           else None)
+    assert got == expected
+    assert any(p.startswith("Date: unreadable") for p in message.parse_problems) == (
+        expected is None)
