@@ -3,8 +3,10 @@
 aiosmtpd speaks the protocol; ``MxHandler`` holds the policy (who may receive, what a
 message may look like) and ``MxSMTP`` only adds what the protocol class lacks: an RFC
 3463 enhanced status code on every reply, a configurable line length, source-route
-refusal. A message is answered ``250`` only once its bytes are in the blob store and
-its INBOUND job is acknowledged by JetStream, so nothing accepted can be lost.
+refusal. A message is answered ``250`` only once its INBOUND job is acknowledged by
+JetStream (stored and fsynced), the job carrying the bytes themselves or, for a large
+message, naming them in the blob store where they were put first; so nothing accepted
+can be lost. Jobs accepted together are published together (gateway.inbound_publisher).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import logging
 import re
 import socket
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, AnyStr
@@ -22,12 +25,16 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from nats.aio.client import Client as NATS
 
 from gateway import received
-from mailgrid import bus
+from gateway.inbound_publisher import InboundPublisher
+from gateway.smtp_addr import FastAddrSMTP
+from gateway.smtp_data import ChunkedDataSMTP
+from gateway.smtp_setup import QuickSetupSMTP
 from mailgrid.clients import MetadataClient
 from mailgrid.errors import MailgridError, NotFound, Unavailable
 from mailgrid.grpcutil import CHUNK_SIZE
 from mailgrid.ids import new_queue_id
 from mailgrid.settings import Settings, split_host_port
+from mailgrid.usercache import UserCache
 from mailgrid.v1 import delivery_pb2
 
 log = logging.getLogger(__name__)
@@ -35,6 +42,10 @@ log = logging.getLogger(__name__)
 IDENT = "mailgrid ESMTP"
 # Seconds for the reverse DNS lookup that names the client in our Received header.
 RDNS_TIMEOUT = 3.0
+# Seconds a client address's reverse DNS name is reused.
+RDNS_TTL = 60.0
+# Bytes of a job's payload kept for its other fields and the NATS headers.
+INLINE_HEADROOM = 64 * 1024
 # Seconds to wait for JetStream to acknowledge an INBOUND job.
 PUBLISH_TIMEOUT = 5.0
 NULL_SENDER = "<>"
@@ -111,8 +122,13 @@ class MxSession(Session):
     rdns: str | None = None
 
 
-class MxSMTP(SMTP):
-    """aiosmtpd's protocol with enhanced status codes and mailgrid's limits."""
+class MxSMTP(QuickSetupSMTP, ChunkedDataSMTP, FastAddrSMTP):
+    """aiosmtpd's protocol with enhanced status codes and mailgrid's limits.
+
+    Cheap to set up per connection (gateway.smtp_setup), reading DATA in large pieces
+    with aiosmtpd's exact end-of-data rules (gateway.smtp_data), and plain MAIL/RCPT
+    paths without the email header parser (gateway.smtp_addr).
+    """
 
     def __init__(self, handler: MxHandler, settings: Settings,
                  loop: asyncio.AbstractEventLoop, sessions: set[MxSMTP],
@@ -264,8 +280,11 @@ class MxHandler:
     def __init__(self, settings: Settings, metadata: MetadataClient, nc: NATS) -> None:
         self.settings = settings
         self.metadata = metadata
+        self.users = UserCache(metadata)
         self.nc = nc
-        self.publish_timeout = PUBLISH_TIMEOUT
+        # Jobs accepted together are made durable together (group commit).
+        self.publisher = InboundPublisher(nc.jetstream(), PUBLISH_TIMEOUT)
+        self.rdns = RdnsCache()
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
@@ -315,7 +334,7 @@ class MxHandler:
 
     async def _check_mailbox(self, address: str) -> str:
         try:
-            user = await self.metadata.get_user(address=address.lower())
+            user = await self.users.by_address(address)
         except NotFound:
             return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
         except MailgridError as err:
@@ -349,10 +368,15 @@ class MxHandler:
             return refusal
         queue_id = new_queue_id()
         header = await self._received(server, session, envelope, queue_id)
+        size = len(header) + len(content)
         try:
-            put = await self.metadata.put_blob(_chunks(header, content))
-            await self._publish(session, envelope, queue_id, put.blob_key,
-                                len(header) + len(content))
+            if size <= self._inline_max():
+                # Small enough to travel in the job: one durable publish and no blob
+                # round trip; the inbound worker stores the bytes with the mailbox write.
+                await self._publish(session, envelope, queue_id, "", size, header + content)
+            else:
+                put = await self.metadata.put_blob(_chunks(header, content))
+                await self._publish(session, envelope, queue_id, put.blob_key, size)
         except MailgridError as err:
             log.warning("DATA %s not accepted: %s", queue_id, err)
             return temporary(err)
@@ -377,7 +401,7 @@ class MxHandler:
         ip = _peer_ip(session)
         return received.received_header(
             helo=session.host_name or "",
-            rdns=await _reverse_dns(session, ip),
+            rdns=await _reverse_dns(session, ip, self.rdns),
             ip=ip,
             server_name=self.settings.server_name,
             protocol=received.with_protocol(extended=session.extended_smtp,
@@ -388,20 +412,24 @@ class MxHandler:
             rcpt_to=envelope.rcpt_tos,
         )
 
+    def _inline_max(self) -> int:
+        """Largest message that travels inside its job: the setting, and always well
+        under the payload limit the NATS server announced."""
+        return min(self.settings.inbound_inline_max_bytes,
+                   self.nc.max_payload - INLINE_HEADROOM)
+
     async def _publish(self, session: Session, envelope: Envelope, queue_id: str,
-                       blob_key: str, size: int) -> None:
+                       blob_key: str, size: int, raw: bytes = b"") -> None:
         if not self.nc.is_connected:
             # Fail at once rather than buffer a job that nobody acknowledges.
             raise Unavailable("not connected to NATS")
         job = delivery_pb2.InboundJob(
-            queue_id=queue_id, blob_key=blob_key, size=size,
+            queue_id=queue_id, blob_key=blob_key, size=size, raw=raw,
             mail_from=_reverse_path(envelope), rcpt_to=envelope.rcpt_tos,
             client_address=_peer_ip(session), helo=session.host_name or "",
         )
         job.received_at.FromDatetime(datetime.now(UTC))
-        await bus.publish(self.nc.jetstream(), bus.INBOUND_SUBJECT,
-                          job.SerializeToString(), msg_id=queue_id,
-                          timeout=self.publish_timeout)
+        await self.publisher.publish(job)
 
 
 def _chunks(header: bytes, content: bytes) -> Iterator[bytes]:
@@ -424,15 +452,41 @@ def _peer_ip(session: Session) -> str:
     return str(peer or "unknown")
 
 
-async def _reverse_dns(session: Session, ip: str) -> str:
+class RdnsCache:
+    """Reverse DNS names by client address for a minute: a sending server opens many
+    connections in a row, and the lookup (a thread hop, maybe a DNS query) is per
+    connection otherwise."""
+
+    def __init__(self, ttl: float = RDNS_TTL, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._names: dict[str, tuple[float, str]] = {}
+
+    def get(self, ip: str) -> str | None:
+        hit = self._names.get(ip)
+        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+
+    def put(self, ip: str, name: str) -> None:
+        if len(self._names) >= self.max_entries:
+            self._names.clear()
+        self._names[ip] = (time.monotonic() + self.ttl, name)
+
+
+async def _reverse_dns(session: Session, ip: str, cache: RdnsCache | None = None) -> str:
     if isinstance(session, MxSession) and session.rdns is not None:
         return session.rdns
-    try:
-        name, _ = await asyncio.wait_for(
-            asyncio.get_running_loop().getnameinfo((ip, 0), socket.NI_NAMEREQD),
-            RDNS_TIMEOUT)
-    except (OSError, TimeoutError, UnicodeError):
-        name = "unknown"
+    cached = cache.get(ip) if cache is not None else None
+    if cached is not None:
+        name = cached
+    else:
+        try:
+            name, _ = await asyncio.wait_for(
+                asyncio.get_running_loop().getnameinfo((ip, 0), socket.NI_NAMEREQD),
+                RDNS_TIMEOUT)
+        except (OSError, TimeoutError, UnicodeError):
+            name = "unknown"
+        if cache is not None:
+            cache.put(ip, name)
     if isinstance(session, MxSession):
         session.rdns = name
     return name

@@ -16,6 +16,7 @@ import pytest
 from argon2 import PasswordHasher
 from nats.js import JetStreamContext
 
+from delivery_svc.inbound import decode_jobs
 from gateway.app import GatewayApp
 from mailgrid import bus
 from mailgrid.clients import MetadataClient
@@ -165,10 +166,14 @@ async def inbound_jobs(js: JetStreamContext) -> list[delivery_pb2.InboundJob]:
         if info.state.messages == 0:
             break
         msg = await js.get_msg("INBOUND", seq)
-        job = delivery_pb2.InboundJob()
-        job.ParseFromString(msg.data or b"")
-        jobs.append(job)
+        jobs.extend(decode_jobs(msg.data or b"", msg.headers))
     return jobs
+
+
+async def job_raw(users: MetadataClient, job: delivery_pb2.InboundJob) -> bytes:
+    """The raw message a job stands for: in the job when small, else in the blob store."""
+    assert bool(job.raw) != bool(job.blob_key), "exactly one of raw and blob_key"
+    return job.raw or await users.get_blob(job.blob_key)
 
 
 MESSAGE = (b"From: Alice <alice@example.net>\r\n"
@@ -365,12 +370,35 @@ async def test_a_good_message_is_stored_with_our_received_header_and_queued_once
     assert job.helo == "client.example.net"
     assert job.received_at.seconds > 0
 
-    blob = await users.get_blob(job.blob_key)
+    assert job.raw and not job.blob_key  # small: it travels in the job
+    blob = job.raw
     assert job.size == len(blob)
     header = RECEIVED.match(blob.replace(b"<Bob@example.test>", b"<bob@example.test>"))
     assert header is not None, blob[:400]
     assert header.group("id").decode() == queue_id
     assert blob[header.end():] == MESSAGE_UNSTUFFED
+
+
+async def test_a_message_over_the_inline_limit_is_in_the_blob_store_before_250(
+        settings: Settings, nats_url: str, metadata: MetadataApp, users: MetadataClient,
+        js: JetStreamContext) -> None:
+    limited = gateway_settings(settings, nats_url, metadata.grpc_addr).model_copy(
+        update={"inbound_inline_max_bytes": 1024})
+    app = GatewayApp(limited)
+    await app.start()
+    try:
+        client, _ = await Smtp.connect(app.smtp_addr)
+        await client.envelope("bob@example.test")
+        body = b"Subject: big\r\n\r\n" + b"z" * 2000 + b"\r\n"
+        reply = await client.data(body)
+        assert reply.code == 250 and QUEUED.match(reply.text)
+        await client.close()
+    finally:
+        await app.stop()
+    [job] = await inbound_jobs(js)
+    assert job.blob_key and not job.raw
+    stored = await users.get_blob(job.blob_key)
+    assert stored.endswith(body) and job.size == len(stored)
 
 
 async def test_the_null_sender_and_a_repeated_recipient_make_one_job(
@@ -437,7 +465,7 @@ async def test_lines_longer_than_rfc_5321_but_within_max_line_length_are_accepte
     reply = await smtp.data(body)
     assert reply.code == 250 and QUEUED.match(reply.text)
     [job] = await inbound_jobs(js)
-    assert (await users.get_blob(job.blob_key)).endswith(body)
+    assert (await job_raw(users, job)).endswith(body)
 
 
 async def test_a_line_over_max_line_length_gets_500_5_6_0(
