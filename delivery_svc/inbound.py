@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
@@ -57,9 +56,11 @@ DURABLE = "inbound-workers"
 DEAD_SUBJECT = f"{bus.DEAD_PREFIX}.inbound"
 # Seconds one fetch waits for a job; bounds how long a stop waits for an idle worker.
 FETCH_TIMEOUT = 1.0
-# Bytes of raw messages and attachments one StoreDeliveries call carries at most (well
-# under the 16 MiB gRPC message limit); a fuller batch is stored in several calls.
-BATCH_BYTES = 8 * 1024 * 1024
+# Bytes one StoreDeliveries call carries at most (raw messages, attachments and the
+# parsed copies), well under the 16 MiB gRPC message limit even after the job that
+# passes it (at most 512 KiB inline plus 2 MiB of bodies); a fuller batch is stored in
+# several calls.
+BATCH_BYTES = 6 * 1024 * 1024
 
 
 class PoisonJob(Exception):
@@ -91,8 +92,6 @@ class Filing:
     job: delivery_pb2.InboundJob
     attempts: int
     report: Report = field(default_factory=Report)
-    # (recipient, index of its copy in Batch.deliveries)
-    pending: list[tuple[str, int]] = field(default_factory=list)
     # Why the whole job can never be filed (e.g. its raw message is gone).
     failed: str = ""
 
@@ -104,9 +103,9 @@ class Batch:
         self.blobs: list[bytes] = []
         self.deliveries: list[metadata_pb2.BatchedDelivery] = []
         self.size = 0
-        self._keys: list[str] = []
+        # The job and recipient of each delivery, in order.
+        self.copies: list[tuple[Filing, str]] = []
         self._index: dict[str, int] = {}
-        self._filings: list[Filing] = []
         # Each recipient's sender allow/block lists, as read for this batch.
         self.sender_lists: dict[str, list[common_pb2.SenderListEntry]] = {}
 
@@ -115,22 +114,14 @@ class Batch:
         if key not in self._index:
             self._index[key] = len(self.blobs)
             self.blobs.append(data)
-            self._keys.append(key)
             self.size += len(data)
         return self._index[key]
 
-    def blob_key(self, index: int) -> str:
-        """The content address the blob store gives blobs[index] (its sha256)."""
-        return self._keys[index]
-
-    def add_filing(self, filing: Filing) -> None:
-        self._filings.append(filing)
-
-    def owners(self) -> Iterator[tuple[Filing, str, int]]:
-        """(job, recipient, index in deliveries) of every copy in the batch."""
-        for filing in self._filings:
-            for rcpt, index in filing.pending:
-                yield filing, rcpt, index
+    def add_delivery(self, filing: Filing, rcpt: str,
+                     delivery: metadata_pb2.BatchedDelivery) -> None:
+        self.deliveries.append(delivery)
+        self.copies.append((filing, rcpt))
+        self.size += delivery.ByteSize()  # the parsed bodies travel in it too
 
 
 def consumer_config(settings: Settings) -> ConsumerConfig:
@@ -212,6 +203,8 @@ class InboundWorker:
         self.users = UserCache(metadata)
         self.name = name
         self._sub: JetStreamContext.PullSubscription | None = None
+        # The copies being gathered for the next StoreDeliveries call.
+        self._batch = Batch()
 
     async def subscribe(self) -> None:
         try:
@@ -246,18 +239,12 @@ class InboundWorker:
         keepalive = asyncio.create_task(self._keep_alive(msgs))
         try:
             units: list[list[Filing]] = []  # the jobs of each message
-            batch = Batch()
+            self._batch = Batch()
             for msg in msgs:
-                jobs = await self._jobs(msg)
-                unit: list[Filing] = []
-                for job in jobs:
-                    unit.append(await self._prepare(msg, job, batch))
-                    if batch.size >= BATCH_BYTES:
-                        await self._store(batch)
-                        batch = Batch()
+                unit = [await self._prepare(msg, job) for job in await self._jobs(msg)]
                 if unit:
                     units.append(unit)
-            await self._store(batch)
+            await self._store(self._batch)
             pause = 0.0
             for unit in units:
                 pause = max(pause, await self._settle(unit))
@@ -276,52 +263,63 @@ class InboundWorker:
             await self._give_up(msg, str(err), _attempts(msg), err.blob_key)
             return []
 
-    async def _prepare(self, msg: Msg, job: delivery_pb2.InboundJob, batch: Batch
-                       ) -> Filing:
-        """Reads, parses and checks one job and adds its copies to ``batch``."""
+    async def _prepare(self, msg: Msg, job: delivery_pb2.InboundJob) -> Filing:
+        """Reads, parses and checks one job and adds its copies to the batch."""
         filing = Filing(msg, job, _attempts(msg))
-        batch.add_filing(filing)
         try:
-            await self._add_copies(filing, batch)
+            await self._add_copies(filing)
         except JobFailed as err:
             filing.failed = str(err)
         except MailgridError as err:
-            filing.report = Report(temporary=[(rcpt, err) for rcpt in job.rcpt_to])
-            filing.pending.clear()
+            # Copies already in the batch may still be stored: the job is retried, and
+            # their delivery keys make the retry's copies no-ops.
+            filing.report.temporary.extend((rcpt, err) for rcpt in job.rcpt_to)
         except Exception as err:  # a bug must not lose mail or kill the worker
             log.exception("%s: job %s failed", self.name, job.queue_id)
-            filing.report = Report(temporary=[(rcpt, MailgridError(repr(err)))
-                                              for rcpt in job.rcpt_to])
-            filing.pending.clear()
+            filing.report.temporary.extend((rcpt, MailgridError(repr(err)))
+                                           for rcpt in job.rcpt_to)
         return filing
 
-    async def _add_copies(self, filing: Filing, batch: Batch) -> None:
-        """One StoreDeliveryRequest per recipient into ``batch``; refusals in the report."""
+    async def _add_copies(self, filing: Filing) -> None:
+        """One StoreDeliveryRequest per recipient into the batch; refusals in the report."""
         job = filing.job
         raw = await self._raw(job)
         parsed = await parse_raw(self.settings, raw)
         checks = await self.checks.evaluate(job, raw)
-        blob_index = 0
+        carried: list[bytes] = []  # the bytes the copies need stored with them
         if job.blob_key:  # a large message: its bytes and attachments stream separately
             await store_attachments(self.metadata, parsed)
         else:
-            blob_index = batch.add_blob(raw)
+            carried = [raw, *(data for _, data in iter_attachments(parsed))]
             for attachment, data in iter_attachments(parsed):
-                attachment.blob_key = batch.blob_key(batch.add_blob(data))
+                attachment.blob_key = hashlib.sha256(data).hexdigest()
         del raw
         seen_users: set[str] = set()
         for rcpt in job.rcpt_to:
             try:
-                request = await self._request(job, rcpt, parsed, seen_users, checks, batch)
+                request = await self._request(job, rcpt, parsed, seen_users, checks)
             except (NotFound, InvalidArgument) as err:
                 filing.report.permanent.append((rcpt, _refusal(rcpt, err)))
             except MailgridError as err:
                 filing.report.temporary.append((rcpt, err))
             else:
                 if request is not None:
-                    filing.pending.append((rcpt, len(batch.deliveries)))
-                    batch.deliveries.append(metadata_pb2.BatchedDelivery(
-                        request=request, blob_index=blob_index))
+                    await self._add_copy(filing, rcpt, request, carried)
+
+    async def _add_copy(self, filing: Filing, rcpt: str,
+                        request: metadata_pb2.StoreDeliveryRequest, carried: list[bytes]
+                        ) -> None:
+        """Adds one copy and its bytes (each once per batch); a full batch is stored first,
+        so no call passes BATCH_BYTES by more than one copy."""
+        copy = metadata_pb2.BatchedDelivery(request=request)
+        if self._batch.deliveries and self._batch.size + copy.ByteSize() + sum(
+                map(len, carried)) > BATCH_BYTES:
+            await self._store(self._batch)
+            self._batch = Batch()
+        indexes = [self._batch.add_blob(data) for data in carried]
+        if indexes:
+            copy.blob_index = indexes[0]  # the raw message comes first
+        self._batch.add_delivery(filing, rcpt, copy)
 
     async def _raw(self, job: delivery_pb2.InboundJob) -> bytes:
         if not job.blob_key:
@@ -332,14 +330,14 @@ class InboundWorker:
             raise JobFailed(f"raw message {job.blob_key} is not in the blob store") from err
 
     async def _request(self, job: delivery_pb2.InboundJob, rcpt: str, parsed: ParsedEmail,
-                       seen_users: set[str], checks: JobChecks, batch: Batch
+                       seen_users: set[str], checks: JobChecks
                        ) -> metadata_pb2.StoreDeliveryRequest | None:
         """One recipient's copy to store (None if its mailbox has one already)."""
         user = await self.users.by_address(rcpt)
         if user.user_id in seen_users:
             return None  # two addresses of one mailbox: one copy
         seen_users.add(user.user_id)
-        lists = await self._sender_lists(user.user_id, batch) if checks.external else []
+        lists = await self._sender_lists(user.user_id) if checks.external else []
         folder, verdict = self.checks.decide(checks, parsed.message, lists)
         if checks.virus:
             await self._notify_virus(job, rcpt, user.user_id, parsed, checks.virus)
@@ -364,8 +362,7 @@ class InboundWorker:
         except Exception as err:
             log.exception("%s: storing a batch failed", self.name)
             outcomes = [MailgridError(repr(err))] * len(batch.deliveries)
-        for filing, rcpt, index in batch.owners():
-            outcome = outcomes[index]
+        for (filing, rcpt), outcome in zip(batch.copies, outcomes, strict=True):
             if isinstance(outcome, NotFound | InvalidArgument):
                 filing.report.permanent.append((rcpt, _refusal(rcpt, outcome)))
             elif isinstance(outcome, MailgridError):
@@ -422,11 +419,11 @@ class InboundWorker:
         system_down = any(isinstance(e, Unavailable | StorageFull) for _, e in report.temporary)
         return delay if system_down else 0.0
 
-    async def _sender_lists(self, user_id: str, batch: Batch
-                            ) -> list[common_pb2.SenderListEntry]:
+    async def _sender_lists(self, user_id: str) -> list[common_pb2.SenderListEntry]:
         """The user's allow/block lists, read once per batch; advisory, so a store that
         cannot give them (not an outage: that is retried) means no lists rather than
         undelivered mail."""
+        batch = self._batch
         if user_id in batch.sender_lists:
             return batch.sender_lists[user_id]
         try:

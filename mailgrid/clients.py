@@ -90,11 +90,14 @@ class MetadataClient:
     async def get_messages(self, wanted: Iterable[tuple[str, str]]
                            ) -> list[common_pb2.Message | None]:
         """The messages (user id, email id) names, in order; None for each one missing."""
-        req = metadata_pb2.GetMessagesRequest(messages=[
-            metadata_pb2.GetMessageRequest(user_id=user_id, email_id=email_id)
-            for user_id, email_id in wanted])
-        reply = await call(self._meta.GetMessages(req, timeout=self.timeout))
-        return [result.message if result.found else None for result in reply.results]
+        asked = [metadata_pb2.GetMessageRequest(user_id=user_id, email_id=email_id)
+                 for user_id, email_id in wanted]
+        found: list[common_pb2.Message | None] = []
+        while len(found) < len(asked):  # a reply may stop early to stay small
+            req = metadata_pb2.GetMessagesRequest(messages=asked[len(found):])
+            reply = await call(self._meta.GetMessages(req, timeout=self.timeout))
+            found += [result.message if result.found else None for result in reply.results]
+        return found
 
     async def raw_message(self, user_id: str, email_id: str) -> AsyncIterator[bytes]:
         req = metadata_pb2.GetRawMessageRequest(user_id=user_id, email_id=email_id)

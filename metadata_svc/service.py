@@ -21,8 +21,10 @@ from metadata_svc.ports import BlobRef, BlobStore, MetadataStore
 log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
-# Messages one GetMessages call may ask for.
+# Messages one GetMessages call may ask for, and the size its reply keeps under (the
+# clients' gRPC limit is 16 MiB).
 MAX_GET_MESSAGES = 1000
+MAX_REPLY_BYTES = 8 * 1024 * 1024
 
 
 def _require(value: str, name: str) -> str:
@@ -121,10 +123,16 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
         if not 1 <= len(request.messages) <= MAX_GET_MESSAGES:
             raise InvalidArgument(f"ask for 1 to {MAX_GET_MESSAGES} messages")
         wanted = [(_require(m.user_id, "user_id"), m.email_id) for m in request.messages]
-        found = await self.store.get_messages(wanted)
-        return metadata_pb2.GetMessagesResponse(results=[
-            metadata_pb2.GetMessagesResult(found=True, message=message) if message
-            else metadata_pb2.GetMessagesResult(found=False) for message in found])
+        reply = metadata_pb2.GetMessagesResponse()
+        size = 0
+        for message in await self.store.get_messages(wanted):
+            result = (metadata_pb2.GetMessagesResult(found=True, message=message) if message
+                      else metadata_pb2.GetMessagesResult(found=False))
+            size += result.ByteSize()
+            if reply.results and size > MAX_REPLY_BYTES:
+                break  # the caller asks again for the rest
+            reply.results.append(result)
+        return reply
 
     @rpc_stream
     async def GetRawMessage(self, request: metadata_pb2.GetRawMessageRequest,

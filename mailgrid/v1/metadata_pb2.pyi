@@ -318,7 +318,9 @@ class GetMessagesResponse(_message.Message):
     RESULTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___GetMessagesResult]:
-        """One per message asked, in order."""
+        """One per message asked, in order; the list stops early when the reply would pass
+        8 MiB (always at least one): ask again for the rest.
+        """
 
     def __init__(
         self,

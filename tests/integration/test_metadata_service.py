@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 
+import grpc
 import nats
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,7 +25,7 @@ from mailgrid.errors import (
 from mailgrid.grpcutil import CHUNK_SIZE, channel
 from mailgrid.natsd import NatsServer
 from mailgrid.settings import Settings
-from mailgrid.v1 import common_pb2, events_pb2, metadata_pb2
+from mailgrid.v1 import common_pb2, events_pb2, metadata_pb2, metadata_pb2_grpc
 from metadata_svc.app import MetadataApp
 
 MiB = 1024 * 1024
@@ -240,8 +241,30 @@ async def test_get_messages_answers_in_order_and_hides_other_users_mail(
     found = await client.get_messages([(alice.user_id, mine), (alice.user_id, theirs),
                                        (bob.user_id, theirs)])
     assert [m.subject if m else None for m in found] == ["mine", None, "theirs"]
-    with pytest.raises(InvalidArgument):
-        await client.get_messages([])
+    assert await client.get_messages([]) == []
+
+
+async def test_get_messages_replies_stop_under_8_mib_and_the_client_asks_again(
+        client: MetadataClient, alice: common_pb2.User) -> None:
+    body = ("x" * 1000 + "\r\n") * 1000  # about 1 MB of text per message
+    put = await client.put_blob(b"Subject: big\r\n\r\nsee text\r\n")
+    ids = []
+    for n in range(3):
+        request = metadata_pb2.StoreDeliveryRequest(
+            user_id=alice.user_id, delivery_key=f"big{n}", blob_key=put.blob_key,
+            size=put.size)
+        request.parsed.text = body  # the parsed body is what makes the answer big
+        ids.append((await client.store_delivery(request)).email_id)
+    wanted = [(alice.user_id, email_id) for email_id in ids] * 6  # ~18 MB of answers
+    stub = metadata_pb2_grpc.MetadataServiceStub(client._channel)
+    reply = await stub.GetMessages(metadata_pb2.GetMessagesRequest(messages=[
+        metadata_pb2.GetMessageRequest(user_id=u, email_id=e) for u, e in wanted]))
+    found = await client.get_messages(wanted)
+    assert [m.email_id for m in found if m] == [e for _, e in wanted]
+    assert 0 < len(reply.results) < len(wanted)  # it stopped early
+    with pytest.raises(grpc.aio.AioRpcError) as empty:
+        await stub.GetMessages(metadata_pb2.GetMessagesRequest())
+    assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_bad_requests_get_precise_errors(
