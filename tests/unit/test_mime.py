@@ -14,6 +14,8 @@ import pytest
 
 from mailgrid.mime import ParsedEmail, html_to_text, make_preview, parse_message, split_mbox
 from tests.conftest import CORPUS
+from tests.e2e.mail import smtp_wire_form
+from tests.e2e.test_corpus import corpus_messages
 
 CRLF = b"\r\n"
 
@@ -401,8 +403,9 @@ def _mailbox_lists(seed: int, count: int) -> Iterator[str]:
     for _ in range(count):
         items = []
         for _ in range(rng.randint(1, 3)):
-            addr = rng.choice(addrs)
-            items.append(addr if rng.random() < 0.4 else f"{rng.choice(names)} <{addr}>")
+            addr, form = rng.choice(addrs), rng.random()
+            items.append(addr if form < 0.3 else f"<{addr}>" if form < 0.5
+                         else f"{rng.choice(names)} <{addr}>")
         yield rng.choice([", ", ",", " , "]).join(items)
 
 
@@ -444,3 +447,21 @@ def test_date_reads_as_the_structured_header_does(value: str, expected: str | No
     assert got == expected
     assert any(p.startswith("Date: unreadable") for p in message.parse_problems) == (
         expected is None)
+
+
+def test_single_part_fast_path_parses_every_corpus_message_as_the_feed_parser(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import mailgrid.mime as mime
+
+    messages = [raw for _, raw in corpus_messages()]
+    variants = [*messages, *(smtp_wire_form(raw) for raw in messages)]
+    taken = 0
+    for raw in variants:
+        fast = parse_message(raw)
+        taken += mime.single_part(raw) is not None
+        with monkeypatch.context() as patched:
+            patched.setattr(mime, "single_part", lambda raw: None)
+            slow = parse_message(raw)
+        assert fast.message == slow.message
+        assert fast.attachment_data == slow.attachment_data
+    assert taken > 20
