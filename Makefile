@@ -79,8 +79,11 @@ buf-lint: node_modules/.bin/buf
 readme: $(STAMP)
 	$(BIN)/python -c 'from mailgrid.cli import update_readme; update_readme("README.md")'
 
+# mailgrid vs a private Postfix under smtp-source (installs Debian's postfix when missing;
+# BENCH_ARGS=--no-listing skips the slow 100,000-message listing), then the ingest matrix.
 bench: $(DEV_STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench postfix $(BENCH_ARGS)
+	$(BIN)/python -m bench ingest
 
 clean:
 	rm -rf $(VENV) node_modules .tools .mypy_cache .ruff_cache

@@ -1,9 +1,18 @@
-"""``python -m bench [ingest] [listing] [realtime] [--quick]``: run a private suite, measure."""
+"""``python -m bench [ingest] [listing] [realtime] [--quick]``: run a private suite, measure.
+
+``python -m bench postfix [--messages N] [--rounds N] [--no-listing] [--json PATH]``:
+mailgrid and a private Postfix side by side under smtp-source (bench/vs_postfix.py).
+
+``python -m bench smtp-edge [--stock|--as-before] [--messages N] [--rounds N]``: the SMTP
+protocol layer alone (MxSMTP, a handler that does nothing) under smtp-source
+(bench/smtp_edge.py).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import tempfile
 from pathlib import Path
 
@@ -28,6 +37,17 @@ def ingest(quick: bool) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["postfix"]:
+        # Its own options (bench/vs_postfix.py); not combinable with the others.
+        from bench.vs_postfix import main as vs_postfix
+
+        vs_postfix(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["smtp-edge"]:
+        from bench.smtp_edge import main as smtp_edge
+
+        smtp_edge(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("which", nargs="*", default=["ingest", "listing"])
     parser.add_argument("--quick", action="store_true", help="small counts, a smoke run")

@@ -24,6 +24,8 @@ class Suite:
     http_addr: str = field(default_factory=lambda: f"127.0.0.1:{free_port()}")
     smtp_addr: str = field(default_factory=lambda: f"127.0.0.1:{free_port()}")
     process: subprocess.Popen[bytes] | None = None
+    # More MAILGRID_* settings for the suite (e.g. {"MAILGRID_INBOUND_AUTH_CHECKS": "false"}).
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MAILGRID_")}
@@ -35,6 +37,7 @@ class Suite:
             MAILGRID_DOMAINS=self.domains,
             MAILGRID_LOG_LEVEL="WARNING",
         )
+        env.update(self.extra_env)
         return env
 
     def mailgrid(self, *args: str, stdin: str | None = None) -> str:
