@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     search_wait_timeout: float = 5.0
     # Most mailbox events applied to the search index in one commit.
     search_batch: int = 256
+    # Seconds the indexer waits for more events when a batch is short: fewer, fuller
+    # index commits under load (search waits for what it must see by event sequence).
+    search_linger: float = 0.1
     # gRPC listener of the gateway (health and reflection only).
     gateway_grpc_addr: str = "127.0.0.1:0"
     # Metadata database; sqlite:///PATH (default: data_dir/metadata.db) or
