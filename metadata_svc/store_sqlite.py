@@ -575,7 +575,7 @@ def _addresses(text: str) -> list[common_pb2.EmailAddress]:
     return [common_pb2.EmailAddress(name=name, email=email) for name, email in json.loads(text)]
 
 
-def _summary(row: Row) -> common_pb2.MessageSummary:
+def _summary(row: Row | dict[str, Any]) -> common_pb2.MessageSummary:
     summary = common_pb2.MessageSummary(
         email_id=row["email_id"], folder_id=row["folder_id"], subject=row["subject"],
         preview=row["preview"], date=_timestamp(row["date"]), is_read=bool(row["is_read"]),
@@ -920,7 +920,8 @@ def _store_delivery(conn: sqlite3.Connection, *,
     conn.execute("UPDATE users SET used_bytes = used_bytes + ? WHERE user_id = ?",
                  (request.size, user_id))
     event = events_pb2.MailEvent(user_id=user_id)
-    event.message_added.message.CopyFrom(_summary(_email_row(conn, user_id, email_id)))
+    # The row just written, not read back: a SELECT * would copy the bodies again.
+    event.message_added.message.CopyFrom(_summary(row))
     _add_folders(conn, event, user_id, {folder_id})
     _emit(conn, event)
     return StoredDelivery(email_id, created=True)
