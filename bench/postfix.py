@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from mailgrid.launcher import pid_alive
+
 POSTFIX = Path("/usr/sbin/postfix")
 SMTP_SOURCE = Path("/usr/sbin/smtp-source")
 POSTCONF = Path("/usr/sbin/postconf")
@@ -246,9 +248,9 @@ class PostfixInstance:
             return
         self.postfix("stop")
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and _alive(pid):
+        while time.monotonic() < deadline and pid_alive(pid):
             time.sleep(0.1)
-        if _alive(pid):
+        if pid_alive(pid):
             # `postfix abort` is the documented hard stop; then make sure.
             self.postfix("abort")
             with contextlib.suppress(ProcessLookupError):
@@ -269,16 +271,6 @@ class PostfixInstance:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _listening(port: int) -> bool:

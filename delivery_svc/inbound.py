@@ -109,8 +109,8 @@ class Batch:
         # Each recipient's sender allow/block lists, as read for this batch.
         self.sender_lists: dict[str, list[common_pb2.SenderListEntry]] = {}
 
-    def add_blob(self, data: bytes) -> int:
-        key = hashlib.sha256(data).hexdigest()
+    def add_blob(self, key: str, data: bytes) -> int:
+        """The index of ``data`` (whose sha256 hex is ``key``) in blobs, added once."""
         if key not in self._index:
             self._index[key] = len(self.blobs)
             self.blobs.append(data)
@@ -286,13 +286,15 @@ class InboundWorker:
         raw = await self._raw(job)
         parsed = await parse_raw(self.settings, raw)
         checks = await self.checks.evaluate(job, raw)
-        carried: list[bytes] = []  # the bytes the copies need stored with them
+        # The bytes the copies need stored with them, by content address (hashed once).
+        carried: list[tuple[str, bytes]] = []
         if job.blob_key:  # a large message: its bytes and attachments stream separately
             await store_attachments(self.metadata, parsed)
         else:
-            carried = [raw, *(data for _, data in iter_attachments(parsed))]
+            carried.append((hashlib.sha256(raw).hexdigest(), raw))
             for attachment, data in iter_attachments(parsed):
                 attachment.blob_key = hashlib.sha256(data).hexdigest()
+                carried.append((attachment.blob_key, data))
         del raw
         seen_users: set[str] = set()
         for rcpt in job.rcpt_to:
@@ -307,16 +309,16 @@ class InboundWorker:
                     await self._add_copy(filing, rcpt, request, carried)
 
     async def _add_copy(self, filing: Filing, rcpt: str,
-                        request: metadata_pb2.StoreDeliveryRequest, carried: list[bytes]
-                        ) -> None:
+                        request: metadata_pb2.StoreDeliveryRequest,
+                        carried: list[tuple[str, bytes]]) -> None:
         """Adds one copy and its bytes (each once per batch); a full batch is stored first,
         so no call passes BATCH_BYTES by more than one copy."""
         copy = metadata_pb2.BatchedDelivery(request=request)
         if self._batch.deliveries and self._batch.size + copy.ByteSize() + sum(
-                map(len, carried)) > BATCH_BYTES:
+                len(data) for _, data in carried) > BATCH_BYTES:
             await self._store(self._batch)
             self._batch = Batch()
-        indexes = [self._batch.add_blob(data) for data in carried]
+        indexes = [self._batch.add_blob(key, data) for key, data in carried]
         if indexes:
             copy.blob_index = indexes[0]  # the raw message comes first
         self._batch.add_delivery(filing, rcpt, copy)

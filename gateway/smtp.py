@@ -16,7 +16,6 @@ import contextlib
 import logging
 import re
 import socket
-import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, AnyStr
@@ -34,6 +33,7 @@ from mailgrid.errors import MailgridError, NotFound, Unavailable
 from mailgrid.grpcutil import CHUNK_SIZE
 from mailgrid.ids import new_queue_id
 from mailgrid.settings import Settings, split_host_port
+from mailgrid.ttlcache import TtlCache
 from mailgrid.usercache import UserCache
 from mailgrid.v1 import delivery_pb2
 
@@ -284,7 +284,9 @@ class MxHandler:
         self.nc = nc
         # Jobs accepted together are made durable together (group commit).
         self.publisher = InboundPublisher(nc.jetstream(), PUBLISH_TIMEOUT)
-        self.rdns = RdnsCache()
+        # Reverse DNS names by client address: a sending server opens many connections
+        # in a row, and the lookup (a thread hop, maybe a DNS query) is per connection.
+        self.rdns: TtlCache[str, str] = TtlCache(RDNS_TTL)
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
@@ -452,27 +454,8 @@ def _peer_ip(session: Session) -> str:
     return str(peer or "unknown")
 
 
-class RdnsCache:
-    """Reverse DNS names by client address for a minute: a sending server opens many
-    connections in a row, and the lookup (a thread hop, maybe a DNS query) is per
-    connection otherwise."""
-
-    def __init__(self, ttl: float = RDNS_TTL, max_entries: int = 10_000) -> None:
-        self.ttl = ttl
-        self.max_entries = max_entries
-        self._names: dict[str, tuple[float, str]] = {}
-
-    def get(self, ip: str) -> str | None:
-        hit = self._names.get(ip)
-        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
-
-    def put(self, ip: str, name: str) -> None:
-        if len(self._names) >= self.max_entries:
-            self._names.clear()
-        self._names[ip] = (time.monotonic() + self.ttl, name)
-
-
-async def _reverse_dns(session: Session, ip: str, cache: RdnsCache | None = None) -> str:
+async def _reverse_dns(session: Session, ip: str,
+                       cache: TtlCache[str, str] | None = None) -> str:
     if isinstance(session, MxSession) and session.rdns is not None:
         return session.rdns
     cached = cache.get(ip) if cache is not None else None

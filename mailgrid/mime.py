@@ -395,12 +395,10 @@ class _Parser:
         raw = self._raw(msg, name)
         if not raw.strip():
             return []
-        pairs = simple_addresses(raw)
-        if pairs is not None:
-            pass  # the plain form: no parser needed
-        elif len(raw) <= MAX_STRUCTURED_HEADER:
+        pairs = simple_addresses(raw)  # the plain form needs no parser
+        if pairs is None and len(raw) <= MAX_STRUCTURED_HEADER:
             pairs = self._structured_addresses(msg, name)
-        else:
+        elif pairs is None:
             self.problem(f"{_title(name)}: longer than {MAX_STRUCTURED_HEADER} bytes, "
                          "read leniently")
         if pairs is None:

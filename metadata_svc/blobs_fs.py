@@ -121,19 +121,10 @@ class FileBlobStore:
             raise _storage_error(err) from err
 
     def _finish(self, fd: int, tmp_name: str, key: str) -> None:
-        dest = self.path(key)
         try:
             os.close(fd)
-            with self._lock:
-                if dest.exists():
-                    # Stored already: keep one copy, and tell the collector it is wanted.
-                    os.unlink(tmp_name)
-                    os.utime(dest)
-                    return
-                created = _makedirs(dest.parent)
-                os.rename(tmp_name, dest)
             # The rename is durable only once its directory (and any new parents) is synced.
-            for directory in (dest.parent, *created):
+            for directory in self._rename_all([(tmp_name, key)]):
                 _fsync_dir(directory)
         except OSError as err:
             with contextlib.suppress(OSError):
@@ -186,7 +177,9 @@ class FileBlobStore:
         with self._lock:
             for tmp_name, key in written:
                 dest = self.path(key)
-                if dest.exists():  # another put of the same bytes won the race
+                if dest.exists():
+                    # Stored already (another put of the same bytes won the race): keep
+                    # one copy, and tell the collector it is wanted.
                     os.unlink(tmp_name)
                     os.utime(dest)
                     continue

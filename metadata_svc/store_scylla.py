@@ -78,6 +78,7 @@ from metadata_svc.ports import (
     OutboxEvent,
     StoredDelivery,
     get_each,
+    store_each,
 )
 from metadata_svc.store_sqlite import (
     BAD_CREDENTIALS,
@@ -586,13 +587,7 @@ class ScyllaMetadataStore:
                                ) -> list[StoredDelivery | errors.MailgridError]:
         """One store_delivery after another: a cluster has no multi-partition commit to
         group them in, and each is durable (at the consistency level) when it returns."""
-        results: list[StoredDelivery | errors.MailgridError] = []
-        for request in requests:
-            try:
-                results.append(await self.store_delivery(request))
-            except errors.MailgridError as err:
-                results.append(err)
-        return results
+        return await store_each(self, requests)
 
     async def _email_values(self, request: metadata_pb2.StoreDeliveryRequest, user_id: str,
                             folder_id: str, email_uuid: uuid.UUID) -> dict[str, Any]:

@@ -20,24 +20,20 @@ from mailgrid.v1 import common_pb2, metadata_pb2
 LIST_SCORE = 100.0
 
 # Phrases typical of bulk fraud; a match in the subject or the text adds PATTERN_SCORE
-# (once per phrase, at most PATTERN_CAP in all).
-BAD_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
-    (name, re.compile(rx, re.IGNORECASE)) for name, rx in (
-        ("lottery", r"\byou(?:'ve| have)? won\b.{0,40}\b(?:lottery|prize|jackpot)\b"),
-        ("advance_fee", r"\b(?:next of kin|beneficiary)\b.{0,80}\b(?:million|usd|\$)"),
-        ("pharma", r"\b(?:viagra|cialis|cheap meds)\b"),
-        ("crypto_doubler", r"\b(?:double|triple) your (?:bitcoin|btc|crypto)\b"),
-        ("credential_phish", r"\bverify your (?:account|password)\b.{0,60}\b(?:suspend|"
-                             r"locked|within 24 hours)\b"),
+# (once per phrase, at most PATTERN_CAP in all). Each comes with the words (lower case)
+# it cannot match without: its cheap prefilter.
+BAD_PATTERNS: tuple[tuple[str, tuple[str, ...], re.Pattern[str]], ...] = tuple(
+    (name, words, re.compile(rx, re.IGNORECASE)) for name, words, rx in (
+        ("lottery", ("won",),
+         r"\byou(?:'ve| have)? won\b.{0,40}\b(?:lottery|prize|jackpot)\b"),
+        ("advance_fee", ("next of kin", "beneficiary"),
+         r"\b(?:next of kin|beneficiary)\b.{0,80}\b(?:million|usd|\$)"),
+        ("pharma", ("viagra", "cialis", "cheap meds"), r"\b(?:viagra|cialis|cheap meds)\b"),
+        ("crypto_doubler", ("double your", "triple your"),
+         r"\b(?:double|triple) your (?:bitcoin|btc|crypto)\b"),
+        ("credential_phish", ("verify your",),
+         r"\bverify your (?:account|password)\b.{0,60}\b(?:suspend|locked|within 24 hours)\b"),
     ))
-# Words each pattern cannot match without (lower case): its cheap prefilter.
-PATTERN_WORDS: dict[str, tuple[str, ...]] = {
-    "lottery": ("won",),
-    "advance_fee": ("next of kin", "beneficiary"),
-    "pharma": ("viagra", "cialis", "cheap meds"),
-    "crypto_doubler": ("double your", "triple your"),
-    "credential_phish": ("verify your",),
-}
 PATTERN_SCORE = 2.5
 PATTERN_CAP = 5.0
 
@@ -137,10 +133,10 @@ def _pattern_rules(parsed: metadata_pb2.ParsedMessage) -> list[Rule]:
     # the case-folded text spares the regex scan of nearly every message (~0.7 ms each).
     folded = text.casefold()
     rules: list[Rule] = []
-    for name, pattern in BAD_PATTERNS:
+    for name, words, pattern in BAD_PATTERNS:
         if sum(r.score for r in rules) >= PATTERN_CAP:
             break
-        if not any(word in folded for word in PATTERN_WORDS[name]):
+        if not any(word in folded for word in words):
             continue
         found = pattern.search(text)
         if found:

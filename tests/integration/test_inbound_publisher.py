@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 import pytest
 from nats.js import JetStreamContext
 
-from delivery_svc.inbound import decode_jobs
 from gateway.inbound_publisher import InboundPublisher
 from mailgrid import bus
 from mailgrid.errors import Unavailable
 from mailgrid.v1 import delivery_pb2
+from tests.integration.test_smtp_mx import inbound_messages
 
 
 @pytest.fixture
@@ -27,22 +27,11 @@ def job(n: int, size: int = 100) -> delivery_pb2.InboundJob:
                                    rcpt_to=["a@example.test"])
 
 
-async def stored_messages(js: JetStreamContext) -> list[list[delivery_pb2.InboundJob]]:
-    info = await js.stream_info("INBOUND")
-    found = []
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        if info.state.messages == 0:
-            break
-        msg = await js.get_msg("INBOUND", seq)
-        found.append(decode_jobs(msg.data or b"", msg.headers))
-    return found
-
-
 async def test_jobs_published_together_are_stored_in_fewer_messages_each_once(
         js: JetStreamContext) -> None:
     publisher = InboundPublisher(js, timeout=5.0)
     await asyncio.gather(*(publisher.publish(job(n)) for n in range(50)))
-    messages = await stored_messages(js)
+    messages = await inbound_messages(js)
     queue_ids = [j.queue_id for jobs in messages for j in jobs]
     assert sorted(queue_ids) == [f"Q{n:04d}" for n in range(50)]
     assert len(messages) < 50
@@ -60,7 +49,7 @@ async def test_a_lone_job_is_stored_as_a_plain_inbound_job(js: JetStreamContext)
 async def test_batches_stay_under_the_byte_cap(js: JetStreamContext) -> None:
     publisher = InboundPublisher(js, timeout=5.0, max_batch_bytes=3000)
     await asyncio.gather(*(publisher.publish(job(n, size=1000)) for n in range(10)))
-    messages = await stored_messages(js)
+    messages = await inbound_messages(js)
     assert all(sum(j.ByteSize() for j in jobs) <= 3000 or len(jobs) == 1
                for jobs in messages)
     assert sorted(j.queue_id for jobs in messages for j in jobs) == [

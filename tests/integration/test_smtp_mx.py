@@ -159,15 +159,20 @@ async def smtp(gateway: GatewayApp, users: MetadataClient) -> AsyncIterator[Smtp
     await client.close()
 
 
-async def inbound_jobs(js: JetStreamContext) -> list[delivery_pb2.InboundJob]:
+async def inbound_messages(js: JetStreamContext) -> list[list[delivery_pb2.InboundJob]]:
+    """The jobs of each message on INBOUND (one, or a batch of several)."""
     info = await js.stream_info("INBOUND")
-    jobs = []
+    found = []
     for seq in range(info.state.first_seq, info.state.last_seq + 1):
         if info.state.messages == 0:
             break
         msg = await js.get_msg("INBOUND", seq)
-        jobs.extend(decode_jobs(msg.data or b"", msg.headers))
-    return jobs
+        found.append(decode_jobs(msg.data or b"", msg.headers))
+    return found
+
+
+async def inbound_jobs(js: JetStreamContext) -> list[delivery_pb2.InboundJob]:
+    return [job for jobs in await inbound_messages(js) for job in jobs]
 
 
 async def job_raw(users: MetadataClient, job: delivery_pb2.InboundJob) -> bytes:

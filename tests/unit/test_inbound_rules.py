@@ -136,9 +136,8 @@ SPAM_PHRASES = {
 }
 
 
-@pytest.mark.parametrize("name", [name for name, _ in spam.BAD_PATTERNS])
+@pytest.mark.parametrize("name", [name for name, _, _ in spam.BAD_PATTERNS])
 def test_each_spam_phrase_matches_in_any_case_despite_the_word_prefilter(name: str) -> None:
-    assert set(spam.PATTERN_WORDS) == {n for n, _ in spam.BAD_PATTERNS}
     for phrase in (SPAM_PHRASES[name], SPAM_PHRASES[name].upper(),
                    SPAM_PHRASES[name].lower()):
         raw = f"From: a@b.test\r\nSubject: hello\r\n\r\n{phrase}\r\n".encode()
