@@ -186,6 +186,17 @@ def delivery_key(queue_id: str, rcpt: str) -> str:
     return f"{queue_id}:{rcpt.lower()}"
 
 
+def _bodies_in_raw(parsed: metadata_pb2.ParsedMessage) -> metadata_pb2.ParsedMessage:
+    """``parsed`` as filed: without its text and html, which the store derives from the
+    raw message it keeps anyway, so the body bytes travel and are written once."""
+    filed = metadata_pb2.ParsedMessage()
+    filed.CopyFrom(parsed)
+    filed.ClearField("text")
+    filed.ClearField("html")
+    filed.bodies_from_raw = True
+    return filed
+
+
 def _refusal(rcpt: str, err: MailgridError) -> str:
     return (f"unknown recipient <{rcpt}>" if isinstance(err, NotFound)
             else f"recipient <{rcpt}> refused: {err.detail}")
@@ -296,10 +307,11 @@ class InboundWorker:
                 attachment.blob_key = hashlib.sha256(data).hexdigest()
                 carried.append((attachment.blob_key, data))
         del raw
+        filed = _bodies_in_raw(parsed.message)
         seen_users: set[str] = set()
         for rcpt in job.rcpt_to:
             try:
-                request = await self._request(job, rcpt, parsed, seen_users, checks)
+                request = await self._request(job, rcpt, parsed, filed, seen_users, checks)
             except (NotFound, InvalidArgument) as err:
                 filing.report.permanent.append((rcpt, _refusal(rcpt, err)))
             except MailgridError as err:
@@ -332,9 +344,10 @@ class InboundWorker:
             raise JobFailed(f"raw message {job.blob_key} is not in the blob store") from err
 
     async def _request(self, job: delivery_pb2.InboundJob, rcpt: str, parsed: ParsedEmail,
-                       seen_users: set[str], checks: JobChecks
-                       ) -> metadata_pb2.StoreDeliveryRequest | None:
-        """One recipient's copy to store (None if its mailbox has one already)."""
+                       filed: metadata_pb2.ParsedMessage, seen_users: set[str],
+                       checks: JobChecks) -> metadata_pb2.StoreDeliveryRequest | None:
+        """One recipient's copy to store (None if its mailbox has one already): ``parsed``
+        is what the checks read, ``filed`` what the store keeps."""
         user = await self.users.by_address(rcpt)
         if user.user_id in seen_users:
             return None  # two addresses of one mailbox: one copy
@@ -346,7 +359,7 @@ class InboundWorker:
         request = metadata_pb2.StoreDeliveryRequest(
             user_id=user.user_id, delivery_key=delivery_key(job.queue_id, rcpt),
             folder_id=folder, blob_key=job.blob_key, size=job.size,
-            parsed=parsed.message, checks=verdict)
+            parsed=filed, checks=verdict)
         if job.HasField("received_at"):
             request.received_at.CopyFrom(job.received_at)
         return request

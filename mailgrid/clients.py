@@ -87,14 +87,19 @@ class MetadataClient:
         reply = await call(self._meta.GetMessage(req, timeout=self.timeout))
         return reply.message
 
-    async def get_messages(self, wanted: Iterable[tuple[str, str]]
-                           ) -> list[common_pb2.Message | None]:
-        """The messages (user id, email id) names, in order; None for each one missing."""
+    async def get_messages(self, wanted: Iterable[tuple[str, str]], *,
+                           bodies_as_raw: bool = False) -> list[common_pb2.Message | None]:
+        """The messages (user id, email id) names, in order; None for each one missing.
+
+        ``bodies_as_raw``: bodies that live in the raw message come as ``raw`` instead,
+        for a caller that parses them (GetMessagesRequest.bodies_as_raw).
+        """
         asked = [metadata_pb2.GetMessageRequest(user_id=user_id, email_id=email_id)
                  for user_id, email_id in wanted]
         found: list[common_pb2.Message | None] = []
         while len(found) < len(asked):  # a reply may stop early to stay small
-            req = metadata_pb2.GetMessagesRequest(messages=asked[len(found):])
+            req = metadata_pb2.GetMessagesRequest(messages=asked[len(found):],
+                                                  bodies_as_raw=bodies_as_raw)
             reply = await call(self._meta.GetMessages(req, timeout=self.timeout))
             found += [result.message if result.found else None for result in reply.results]
         return found

@@ -14,11 +14,20 @@ from mailgrid.mime import ParsedEmail, iter_attachments, parse_message
 from mailgrid.settings import Settings
 
 
+def parse_limited(settings: Settings, raw: bytes) -> ParsedEmail:
+    """``raw`` parsed under the settings' MIME limits (never raises).
+
+    Every parse of a stored message goes through here (filing, and the bodies derived
+    from the raw message when read), so a message reads back as it was filed.
+    """
+    return parse_message(raw, max_depth=settings.mime_max_depth,
+                         max_parts=settings.mime_max_parts,
+                         max_body_bytes=settings.mime_max_body_bytes)
+
+
 async def parse_raw(settings: Settings, raw: bytes) -> ParsedEmail:
-    """``raw`` parsed under the settings' MIME limits, off the event loop (never raises)."""
-    return await asyncio.to_thread(
-        parse_message, raw, max_depth=settings.mime_max_depth,
-        max_parts=settings.mime_max_parts, max_body_bytes=settings.mime_max_body_bytes)
+    """``parse_limited`` off the event loop."""
+    return await asyncio.to_thread(parse_limited, settings, raw)
 
 
 async def store_attachments(metadata: MetadataClient, parsed: ParsedEmail) -> None:

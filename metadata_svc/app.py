@@ -68,7 +68,7 @@ class MetadataApp:
         self.gc.start()
         server = GrpcServer(settings.metadata_addr)
         server.add(metadata_pb2_grpc.add_MetadataServiceServicer_to_server,
-                   MetadataServicer(self._store, self.blobs), METADATA_SERVICE)
+                   MetadataServicer(self._store, self.blobs, settings), METADATA_SERVICE)
         server.add(metadata_pb2_grpc.add_BlobServiceServicer_to_server,
                    BlobServicer(self.blobs), BLOB_SERVICE)
         self._server = server

@@ -12,11 +12,11 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import itertools
 import logging
 import os
 import re
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
@@ -48,9 +48,18 @@ class FileBlobStore:
         # Serializes "rename into place / refresh" against "delete if stale", so the
         # garbage collector never deletes bytes a put has just refreshed.
         self._lock = threading.Lock()
+        self._root_name = os.fspath(root)
+        # Fan-out directories known to exist: directories are never removed, so each is
+        # created (and its parent synced) once, not stat'ed for every blob.
+        self._made: set[str] = set()
+        self._temp_names = itertools.count()
 
     def path(self, key: str) -> Path:
-        return self.root / key[:2] / key[2:4] / key
+        return Path(self._dest(key))
+
+    def _dest(self, key: str) -> str:
+        # Plain string joins: this runs for every blob of every batch.
+        return f"{self._root_name}/{key[:2]}/{key[2:4]}/{key}"
 
     async def put(self, chunks: AsyncIterable[bytes]) -> BlobRef:
         digest = hashlib.sha256()
@@ -94,6 +103,18 @@ class FileBlobStore:
         finally:
             await asyncio.to_thread(file.close)
 
+    async def read_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return await asyncio.to_thread(lambda: [self._read_whole(key) for key in keys])
+
+    def _read_whole(self, key: str) -> bytes | None:
+        if not is_blob_key(key):
+            return None
+        try:
+            with open(self._dest(key), "rb") as file:
+                return file.read()
+        except FileNotFoundError:
+            return None
+
     async def exists(self, key: str) -> bool:
         return is_blob_key(key) and await asyncio.to_thread(self.path(key).is_file)
 
@@ -114,9 +135,21 @@ class FileBlobStore:
     # blocking helpers, run in worker threads
 
     def _create_temp(self) -> tuple[int, str]:
+        """A new temp file, named by process and counter (O_EXCL: never another's)."""
         try:
-            self._tmp.mkdir(parents=True, exist_ok=True)
-            return tempfile.mkstemp(dir=self._tmp, prefix="put-")
+            while True:
+                if "tmp" not in self._made:
+                    self._tmp.mkdir(parents=True, exist_ok=True)
+                    self._made.add("tmp")
+                name = f"{self._tmp}/put-{os.getpid()}-{next(self._temp_names)}"
+                try:
+                    return os.open(name, _TEMP_FLAGS, 0o600), name
+                except FileExistsError:  # left by a crashed process with our pid
+                    continue
+                except FileNotFoundError:
+                    if "tmp" not in self._made:
+                        raise
+                    self._made.discard("tmp")  # removed under us: make it again
         except OSError as err:
             raise _storage_error(err) from err
 
@@ -163,7 +196,7 @@ class FileBlobStore:
 
     def _refresh(self, key: str) -> bool:
         """True if ``key`` is stored already (its last-write time is then refreshed)."""
-        dest = self.path(key)
+        dest = self._dest(key)
         with self._lock:
             try:
                 os.utime(dest)
@@ -173,20 +206,32 @@ class FileBlobStore:
 
     def _rename_all(self, written: list[tuple[str, str]]) -> set[Path]:
         """Moves temp files into place; returns the directories whose entries changed."""
-        changed: set[Path] = set()
+        changed: set[str] = set()
         with self._lock:
             for tmp_name, key in written:
-                dest = self.path(key)
-                if dest.exists():
+                dest = self._dest(key)
+                if os.path.exists(dest):
                     # Stored already (another put of the same bytes won the race): keep
                     # one copy, and tell the collector it is wanted.
                     os.unlink(tmp_name)
                     os.utime(dest)
                     continue
-                changed.update(_makedirs(dest.parent))
-                os.rename(tmp_name, dest)
-                changed.add(dest.parent)
-        return changed
+                parent = os.path.dirname(dest)
+                if parent not in self._made:
+                    changed.update(self._make_parent(parent))
+                try:
+                    os.rename(tmp_name, dest)
+                except FileNotFoundError:
+                    # The directory was removed under us (by hand): make it again.
+                    changed.update(self._make_parent(parent))
+                    os.rename(tmp_name, dest)
+                changed.add(parent)
+        return {Path(name) for name in changed}
+
+    def _make_parent(self, parent: str) -> list[str]:
+        made = [os.fspath(p) for p in _makedirs(Path(parent))]
+        self._made.add(parent)
+        return made
 
     def _delete(self, key: str, not_written_since: float | None) -> bool:
         dest = self.path(key)
@@ -214,6 +259,9 @@ class FileBlobStore:
                     path.unlink()
                     removed += 1
         return removed
+
+
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -187,6 +187,15 @@ class S3BlobStore:
         finally:
             await asyncio.to_thread(_release, response)
 
+    async def read_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return list(await asyncio.gather(*(self._read_whole(key) for key in keys)))
+
+    async def _read_whole(self, key: str) -> bytes | None:
+        try:
+            return b"".join([chunk async for chunk in self.open(key)])
+        except NotFound:
+            return None
+
     async def exists(self, key: str) -> bool:
         if not is_blob_key(key):
             return False

@@ -108,6 +108,11 @@ class BlobStore(Protocol):
         """The blob's bytes in chunks of at most 1 MiB; NotFound (on first iteration)."""
         ...
 
+    async def read_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Each blob's whole bytes (None for a missing key), in the order given: for
+        callers that need many small blobs at once."""
+        ...
+
     async def exists(self, key: str) -> bool:
         ...
 

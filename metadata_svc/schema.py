@@ -122,7 +122,7 @@ TABLES: tuple[Table, ...] = (
         "text_body text, html_body text, blob_key text, parse_problems_json text, "
         "delivery_key text, from_name text, from_email text, subject text, "
         "preview text, date double, is_read boolean, is_starred boolean, "
-        "has_attachments boolean, size bigint, thread_id text"),
+        "has_attachments boolean, size bigint, thread_id text, bodies_from_raw boolean"),
         ("user_id",), (("email_id", "ASC"),)),
     Table("attachments", _cols(
         "email_id timeuuid, attachment_id text, position int, filename text, "

@@ -7,15 +7,18 @@ Another user's message, raw bytes or attachment is NOT_FOUND, exactly like a mis
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
 
 from mailgrid.errors import InvalidArgument, MailgridError, NotFound
+from mailgrid.filing import parse_limited
 from mailgrid.grpcutil import CHUNK_SIZE, rpc, rpc_stream
-from mailgrid.v1 import metadata_pb2, metadata_pb2_grpc
+from mailgrid.settings import Settings
+from mailgrid.v1 import common_pb2, metadata_pb2, metadata_pb2_grpc
 from metadata_svc.ports import BlobRef, BlobStore, MetadataStore
 
 log = logging.getLogger(__name__)
@@ -25,6 +28,13 @@ Context = grpc.aio.ServicerContext[Any, Any]
 # clients' gRPC limit is 16 MiB).
 MAX_GET_MESSAGES = 1000
 MAX_REPLY_BYTES = 8 * 1024 * 1024
+
+
+MISSING_RAW = "the raw message is missing from the blob store"
+
+
+def _bodies(parsed: metadata_pb2.ParsedMessage) -> tuple[str, str]:
+    return parsed.text, parsed.html
 
 
 def _require(value: str, name: str) -> str:
@@ -43,9 +53,40 @@ async def _rechunk(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
     """mailgrid.v1.MetadataService over a MetadataStore and a BlobStore."""
 
-    def __init__(self, store: MetadataStore, blobs: BlobStore) -> None:
+    def __init__(self, store: MetadataStore, blobs: BlobStore,
+                 settings: Settings | None = None) -> None:
         self.store = store
         self.blobs = blobs
+        self.settings = settings or Settings()
+
+    async def _bodies_from_raw(self, messages: Sequence[common_pb2.Message],
+                               as_raw: bool = False) -> None:
+        """Fills in the bodies of the messages whose bodies live only in their raw
+        message: parsed under the filing limits, or with ``as_raw`` the raw bytes for
+        the caller to parse. A raw message gone missing is a parse problem, not an error:
+        the rest of the message is still there to show."""
+        todo = [m for m in messages if m.bodies_from_raw]
+        if not todo:
+            return
+        raws = await self.blobs.read_many([m.blob_key for m in todo])
+        if as_raw:
+            for message, raw in zip(todo, raws, strict=True):
+                if raw is None:
+                    message.parse_problems.append(MISSING_RAW)
+                else:
+                    message.raw = raw
+            return
+        settings = self.settings
+
+        def parse() -> list[tuple[str, str] | None]:
+            return [None if raw is None else _bodies(parse_limited(settings, raw).message)
+                    for raw in raws]
+
+        for message, bodies in zip(todo, await asyncio.to_thread(parse), strict=True):
+            if bodies is None:
+                message.parse_problems.append(MISSING_RAW)
+            else:
+                message.text, message.html = bodies
 
     @rpc
     async def CreateUser(self, request: metadata_pb2.CreateUserRequest,
@@ -115,6 +156,7 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
                          context: Context) -> metadata_pb2.GetMessageResponse:
         message = await self.store.get_message(_require(request.user_id, "user_id"),
                                                request.email_id)
+        await self._bodies_from_raw([message])
         return metadata_pb2.GetMessageResponse(message=message)
 
     @rpc
@@ -125,7 +167,10 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
         wanted = [(_require(m.user_id, "user_id"), m.email_id) for m in request.messages]
         reply = metadata_pb2.GetMessagesResponse()
         size = 0
-        for message in await self.store.get_messages(wanted):
+        messages = await self.store.get_messages(wanted)
+        await self._bodies_from_raw([m for m in messages if m is not None],
+                                    as_raw=request.bodies_as_raw)
+        for message in messages:
             result = (metadata_pb2.GetMessagesResult(found=True, message=message) if message
                       else metadata_pb2.GetMessagesResult(found=False))
             size += result.ByteSize()

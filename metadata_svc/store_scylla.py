@@ -388,7 +388,9 @@ class ScyllaMetadataStore:
             is_read=row["is_read"], is_starred=row["is_starred"], size=row["size"],
             blob_key=row["blob_key"], in_reply_to=row["in_reply_to"],
             references=json.loads(row["references_json"]),
-            parse_problems=json.loads(row["parse_problems_json"]))
+            parse_problems=json.loads(row["parse_problems_json"]),
+            # null on rows written before the column was added
+            bodies_from_raw=bool(row.get("bodies_from_raw")))
         sender = getattr(message, "from")
         sender.name, sender.email = row["from_name"], row["from_email"]
         checks = await self._run("message_check", user_id, email_uuid)
@@ -617,7 +619,7 @@ class ScyllaMetadataStore:
             "date": _seconds(parsed.date) if parsed.HasField("date") else received,
             "is_read": request.is_read, "is_starred": False,
             "has_attachments": bool(parsed.attachments), "size": request.size,
-            "thread_id": thread_id,
+            "thread_id": thread_id, "bodies_from_raw": parsed.bodies_from_raw,
         }
 
     async def _thread_for(self, user_id: str, linked: list[str], email_id: str) -> str:

@@ -52,7 +52,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Row = sqlite3.Row
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns added since a release, as (table, column, declaration): an existing database
+# gets them with ALTER TABLE ... ADD COLUMN when it is opened (CREATE TABLE IF NOT
+# EXISTS leaves an existing table as it was).
+ADDED_COLUMNS = (
+    ("emails_by_user", "bodies_from_raw", "INTEGER NOT NULL DEFAULT 0"),  # version 2
+)
 # The same answer for an unknown address and a wrong password: no account enumeration.
 BAD_CREDENTIALS = "invalid address or password"
 
@@ -93,7 +99,7 @@ CREATE TABLE IF NOT EXISTS emails_by_user (
     from_name TEXT NOT NULL, from_email TEXT NOT NULL, subject TEXT NOT NULL,
     preview TEXT NOT NULL, date REAL NOT NULL, is_read INTEGER NOT NULL,
     is_starred INTEGER NOT NULL, has_attachments INTEGER NOT NULL, size INTEGER NOT NULL,
-    thread_id TEXT NOT NULL,
+    thread_id TEXT NOT NULL, bodies_from_raw INTEGER NOT NULL,
     PRIMARY KEY (user_id, email_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS attachments (
     email_id TEXT NOT NULL, attachment_id TEXT NOT NULL, position INTEGER NOT NULL,
@@ -173,6 +179,10 @@ class SQLiteMetadataStore:
         conn = _connect(self.path)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.executescript(SCHEMA)
+        for table, column, declaration in ADDED_COLUMNS:
+            have = {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         return conn
 
@@ -387,7 +397,7 @@ class SQLiteMetadataStore:
     async def store_delivery(self, request: metadata_pb2.StoreDeliveryRequest
                              ) -> StoredDelivery:
         _check_delivery(request)
-        return await self._write(functools.partial(_store_delivery, request=request))
+        return await self._write(functools.partial(_store_delivery, request=request, folders={}))
 
     async def store_deliveries(self, requests: Sequence[metadata_pb2.StoreDeliveryRequest]
                                ) -> list[StoredDelivery | MailgridError]:
@@ -405,10 +415,11 @@ class SQLiteMetadataStore:
         def write(conn: sqlite3.Connection) -> None:
             # One transaction, one commit (one fsync) for the batch; a savepoint per
             # delivery so that one refused (e.g. over quota) leaves the others filed.
+            folders: dict[str, list[common_pb2.Folder]] = {}
             for index, request in valid:
                 conn.execute("SAVEPOINT delivery")
                 try:
-                    results[index] = _store_delivery(conn, request=request)
+                    results[index] = _store_delivery(conn, request=request, folders=folders)
                 except MailgridError as err:
                     conn.execute("ROLLBACK TO delivery")
                     results[index] = err
@@ -646,12 +657,14 @@ def _folders(conn: sqlite3.Connection, user_id: str) -> list[common_pb2.Folder]:
     return folders
 
 
-def _resolve_folder(conn: sqlite3.Connection, user_id: str,
-                    folder: str) -> common_pb2.Folder:
+def _resolve_folder(conn: sqlite3.Connection, user_id: str, folder: str,
+                    known: list[common_pb2.Folder] | None = None) -> common_pb2.Folder:
+    """The folder named by id or role, among ``known`` (the user's folders as read
+    earlier in this transaction) or the user's folders read now."""
     if not folder:
         raise InvalidArgument("folder_id is required")
     role = ROLE_NAMES.get(folder.lower())
-    for candidate in _folders(conn, user_id):
+    for candidate in _folders(conn, user_id) if known is None else known:
         if candidate.folder_id == folder or (role is not None and candidate.role == role):
             return candidate
     raise NotFound(f"no folder {folder!r}")
@@ -660,6 +673,16 @@ def _resolve_folder(conn: sqlite3.Connection, user_id: str,
 def _add_folders(conn: sqlite3.Connection, event: events_pb2.MailEvent, user_id: str,
                  folder_ids: set[str]) -> None:
     event.folders.extend(f for f in _folders(conn, user_id) if f.folder_id in folder_ids)
+
+
+def _with_counts(conn: sqlite3.Connection, user_id: str,
+                 folder: common_pb2.Folder) -> common_pb2.Folder:
+    """``folder`` with its counters as they are now in this transaction."""
+    row = _one(conn, "SELECT total, unread FROM folder_counters WHERE user_id = ? AND "
+               "folder_id = ?", user_id, folder.folder_id)
+    return common_pb2.Folder(folder_id=folder.folder_id, name=folder.name, role=folder.role,
+                             total=row["total"] if row else 0,
+                             unread=row["unread"] if row else 0)
 
 
 def _count(conn: sqlite3.Connection, user_id: str, folder_id: str, total: int,
@@ -690,7 +713,8 @@ def _message(conn: sqlite3.Connection, user_id: str, email_id: str) -> common_pb
         attachments=_attachments(conn, email_id), is_read=bool(row["is_read"]),
         is_starred=bool(row["is_starred"]), size=row["size"], blob_key=row["blob_key"],
         in_reply_to=row["in_reply_to"], references=json.loads(row["references_json"]),
-        parse_problems=json.loads(row["parse_problems_json"]))
+        parse_problems=json.loads(row["parse_problems_json"]),
+        bodies_from_raw=bool(row["bodies_from_raw"]))
     sender = getattr(message, "from")
     sender.name, sender.email = row["from_name"], row["from_email"]
     checks = _one(conn, "SELECT verdict FROM message_checks WHERE user_id = ? AND "
@@ -862,7 +886,11 @@ def _thread_for(conn: sqlite3.Connection, user_id: str, linked: list[str],
 
 
 def _store_delivery(conn: sqlite3.Connection, *,
-                    request: metadata_pb2.StoreDeliveryRequest) -> StoredDelivery:
+                    request: metadata_pb2.StoreDeliveryRequest,
+                    folders: dict[str, list[common_pb2.Folder]]) -> StoredDelivery:
+    """Files one copy. ``folders`` holds the folders of users read earlier in the same
+    write transaction (nothing else changes them meanwhile), so a batch reads each
+    user's folders once."""
     user_id = request.user_id
     seen = _one(conn, "SELECT email_id FROM deliveries WHERE user_id = ? AND delivery_key = ?",
                 user_id, request.delivery_key)
@@ -871,7 +899,10 @@ def _store_delivery(conn: sqlite3.Connection, *,
     user = _user(conn, user_id)
     if user.quota_bytes and user.used_bytes + request.size > user.quota_bytes:
         raise QuotaExceeded(f"mailbox {user.address} is full")
-    folder_id = _resolve_folder(conn, user_id, request.folder_id or "inbox").folder_id
+    if user_id not in folders:
+        folders[user_id] = _folders(conn, user_id)
+    folder = _resolve_folder(conn, user_id, request.folder_id or "inbox", folders[user_id])
+    folder_id = folder.folder_id
     parsed = request.parsed
     email_uuid = ids.new_timeuuid()
     email_id = str(email_uuid)
@@ -897,7 +928,7 @@ def _store_delivery(conn: sqlite3.Connection, *,
         "date": _seconds(parsed.date) if parsed.HasField("date") else received,
         "is_read": int(request.is_read), "is_starred": 0,
         "has_attachments": int(bool(parsed.attachments)), "size": request.size,
-        "thread_id": thread_id,
+        "thread_id": thread_id, "bodies_from_raw": int(parsed.bodies_from_raw),
     }
     conn.execute(f"INSERT INTO emails_by_user ({', '.join(row)}) "
                  f"VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
@@ -922,7 +953,7 @@ def _store_delivery(conn: sqlite3.Connection, *,
     event = events_pb2.MailEvent(user_id=user_id)
     # The row just written, not read back: a SELECT * would copy the bodies again.
     event.message_added.message.CopyFrom(_summary(row))
-    _add_folders(conn, event, user_id, {folder_id})
+    event.folders.append(_with_counts(conn, user_id, folder))
     _emit(conn, event)
     return StoredDelivery(email_id, created=True)
 

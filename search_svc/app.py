@@ -82,8 +82,8 @@ class SearchApp:
         js = self._nc.jetstream()
         await bus.ensure_streams(js, settings.nats_replicas)
         self._metadata = MetadataClient(settings.metadata_addr)
-        self.indexer = Indexer(self.index, js, self._metadata, batch=settings.search_batch,
-                               linger=settings.search_linger)
+        self.indexer = Indexer(self.index, js, self._metadata, settings,
+                               batch=settings.search_batch, linger=settings.search_linger)
         await self.indexer.subscribe()
         self._task = asyncio.create_task(self.indexer.run(self._stop), name="indexer")
         server = GrpcServer(settings.search_addr)

@@ -32,7 +32,8 @@ def indexed_message(user_id: str, message: common_pb2.Message,
 
     ``summary``, when given (the one an event carried), is kept as the listing shows it.
     """
-    body = message.text if message.text.strip() else html_to_text(message.html)
+    text = message.text  # each read of a string field decodes it anew
+    body = text if text and not text.isspace() else html_to_text(message.html)
     return IndexedMessage(
         user_id=user_id,
         summary=summary if summary is not None else summary_of(message),

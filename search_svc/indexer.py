@@ -28,7 +28,9 @@ from nats.js.errors import NotFoundError
 from mailgrid import bus
 from mailgrid.clients import MetadataClient
 from mailgrid.errors import MailgridError, Unavailable
-from mailgrid.v1 import events_pb2
+from mailgrid.filing import parse_limited
+from mailgrid.settings import Settings
+from mailgrid.v1 import common_pb2, events_pb2
 from search_svc.document import indexed_message, summary_of
 from search_svc.ports import Delete, Operation, SearchIndex, UpdateSummary, Upsert
 
@@ -65,10 +67,12 @@ class Indexer:
     """Applies EVENTS to a SearchIndex; ``wait_applied`` serves read-your-writes."""
 
     def __init__(self, index: SearchIndex, js: JetStreamContext, metadata: MetadataClient,
-                 *, batch: int = 256, ack_wait: float = 60.0, linger: float = 0.0) -> None:
+                 settings: Settings, *, batch: int = 256, ack_wait: float = 60.0,
+                 linger: float = 0.0) -> None:
         self.index = index
         self.js = js
         self.metadata = metadata
+        self.settings = settings
         self.batch = batch
         self.linger = linger
         self.ack_wait = ack_wait
@@ -164,18 +168,33 @@ class Indexer:
         current: dict[tuple[str, str], Operation] = {}
         for start in range(0, len(wanted), GET_MESSAGES_BATCH):
             chunk = wanted[start:start + GET_MESSAGES_BATCH]
-            for (user_id, email_id), message in zip(
-                    chunk, await self.metadata.get_messages(chunk), strict=True):
-                # A message gone since is deleted; later events bring later changes.
-                current[(user_id, email_id)] = (
-                    Upsert(indexed_message(user_id, message, summary_of(message)))
-                    if message is not None else Delete(user_id, email_id))
+            # Bodies kept only in the raw message are parsed here, not in metadata_svc
+            # (which files mail on one writer): the same parse, under the same limits.
+            messages = await self.metadata.get_messages(chunk, bodies_as_raw=True)
+            records = await asyncio.to_thread(self._records, chunk, messages)
+            current.update(zip(chunk, records, strict=True))
         ops = [self.operation(event, current) for _, event in events if event is not None]
         seq = max(seq for seq, _ in events)
         async with self.write_lock:
             await self.index.apply([op for op in ops if op is not None], seq)
         async with self._applied:
             self._applied.notify_all()
+
+    def _records(self, wanted: list[tuple[str, str]],
+                 messages: list[common_pb2.Message | None]) -> list[Operation]:
+        """What the index is to hold of each message; a message gone since is deleted
+        (later events bring later changes)."""
+        records: list[Operation] = []
+        for (user_id, email_id), message in zip(wanted, messages, strict=True):
+            if message is None:
+                records.append(Delete(user_id, email_id))
+                continue
+            if message.raw:
+                parsed = parse_limited(self.settings, message.raw).message
+                message.text, message.html = parsed.text, parsed.html
+                message.ClearField("raw")
+            records.append(Upsert(indexed_message(user_id, message, summary_of(message))))
+        return records
 
     def operation(self, event: events_pb2.MailEvent,
                   current: dict[tuple[str, str], Operation]) -> Operation | None:

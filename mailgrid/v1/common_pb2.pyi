@@ -260,6 +260,8 @@ class Message(_message.Message):
     REFERENCES_FIELD_NUMBER: _builtins.int
     PARSE_PROBLEMS_FIELD_NUMBER: _builtins.int
     CHECKS_FIELD_NUMBER: _builtins.int
+    BODIES_FROM_RAW_FIELD_NUMBER: _builtins.int
+    RAW_FIELD_NUMBER: _builtins.int
     email_id: _builtins.str
     folder_id: _builtins.str
     thread_id: _builtins.str
@@ -275,6 +277,14 @@ class Message(_message.Message):
     blob_key: _builtins.str
     """Content address of the raw message bytes."""
     in_reply_to: _builtins.str
+    bodies_from_raw: _builtins.bool
+    """The store keeps no separate copy of text and html (see
+    ParsedMessage.bodies_from_raw): GetMessage parses them from the raw message.
+    """
+    raw: _builtins.bytes
+    """The raw message, only from GetMessages with bodies_as_raw for a message with
+    bodies_from_raw (text and html are then empty).
+    """
     @_builtins.property
     def to(self) -> _containers.RepeatedCompositeFieldContainer[Global___EmailAddress]: ...
     @_builtins.property
@@ -327,10 +337,12 @@ class Message(_message.Message):
         references: _abc.Iterable[_builtins.str] | None = ...,
         parse_problems: _abc.Iterable[_builtins.str] | None = ...,
         checks: Global___InboundVerdict | None = ...,
+        bodies_from_raw: _builtins.bool = ...,
+        raw: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "date", b"date", "from", b"from", "received_at", b"received_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "bcc", b"bcc", "blob_key", b"blob_key", "cc", b"cc", "checks", b"checks", "date", b"date", "email_id", b"email_id", "folder_id", b"folder_id", "from", b"from", "html", b"html", "in_reply_to", b"in_reply_to", "is_read", b"is_read", "is_starred", b"is_starred", "message_id", b"message_id", "parse_problems", b"parse_problems", "preview", b"preview", "received_at", b"received_at", "references", b"references", "reply_to", b"reply_to", "size", b"size", "subject", b"subject", "text", b"text", "thread_id", b"thread_id", "to", b"to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "bcc", b"bcc", "blob_key", b"blob_key", "bodies_from_raw", b"bodies_from_raw", "cc", b"cc", "checks", b"checks", "date", b"date", "email_id", b"email_id", "folder_id", b"folder_id", "from", b"from", "html", b"html", "in_reply_to", b"in_reply_to", "is_read", b"is_read", "is_starred", b"is_starred", "message_id", b"message_id", "parse_problems", b"parse_problems", "preview", b"preview", "raw", b"raw", "received_at", b"received_at", "references", b"references", "reply_to", b"reply_to", "size", b"size", "subject", b"subject", "text", b"text", "thread_id", b"thread_id", "to", b"to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -294,6 +294,12 @@ class GetMessagesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MESSAGES_FIELD_NUMBER: _builtins.int
+    BODIES_AS_RAW_FIELD_NUMBER: _builtins.int
+    bodies_as_raw: _builtins.bool
+    """For a caller that parses messages itself (the search indexer): a message with
+    bodies_from_raw comes with its raw bytes in raw and empty text and html, instead of
+    being parsed here.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___GetMessageRequest]:
         """1 to 1000 messages."""
@@ -302,10 +308,11 @@ class GetMessagesRequest(_message.Message):
         self,
         *,
         messages: _abc.Iterable[Global___GetMessageRequest] | None = ...,
+        bodies_as_raw: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bodies_as_raw", b"bodies_as_raw", "messages", b"messages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -580,12 +587,18 @@ class ParsedMessage(_message.Message):
     PREVIEW_FIELD_NUMBER: _builtins.int
     ATTACHMENTS_FIELD_NUMBER: _builtins.int
     PARSE_PROBLEMS_FIELD_NUMBER: _builtins.int
+    BODIES_FROM_RAW_FIELD_NUMBER: _builtins.int
     message_id: _builtins.str
     in_reply_to: _builtins.str
     subject: _builtins.str
     text: _builtins.str
     html: _builtins.str
     preview: _builtins.str
+    bodies_from_raw: _builtins.bool
+    """Set, with text and html left empty, when the store is to derive the bodies from
+    the raw message (parsing it under the same limits) whenever they are read: the
+    body bytes are then sent and stored once, in the raw message, not twice.
+    """
     @_builtins.property
     def references(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -619,10 +632,11 @@ class ParsedMessage(_message.Message):
         preview: _builtins.str = ...,
         attachments: _abc.Iterable[_common_pb2.Attachment] | None = ...,
         parse_problems: _abc.Iterable[_builtins.str] | None = ...,
+        bodies_from_raw: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["date", b"date", "from", b"from"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "bcc", b"bcc", "cc", b"cc", "date", b"date", "from", b"from", "html", b"html", "in_reply_to", b"in_reply_to", "message_id", b"message_id", "parse_problems", b"parse_problems", "preview", b"preview", "references", b"references", "reply_to", b"reply_to", "subject", b"subject", "text", b"text", "to", b"to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "bcc", b"bcc", "bodies_from_raw", b"bodies_from_raw", "cc", b"cc", "date", b"date", "from", b"from", "html", b"html", "in_reply_to", b"in_reply_to", "message_id", b"message_id", "parse_problems", b"parse_problems", "preview", b"preview", "references", b"references", "reply_to", b"reply_to", "subject", b"subject", "text", b"text", "to", b"to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -81,6 +82,13 @@ class BlobStoreContract:
         ref = await blobs.put_bytes(b"")
         assert ref.size == 0
         assert await _read(blobs, ref.key) == b""
+
+    async def test_read_many_answers_each_in_order_and_none_for_missing(
+            self, blobs: BlobStore) -> None:
+        big = os.urandom(3 * MiB)
+        small, large = await blobs.put_many([b"small", big])
+        assert await blobs.read_many([large.key, "0" * 64, small.key, "bad key"]) == [
+            big, None, b"small", None]
 
     async def test_reading_a_missing_key_raises_not_found(self, blobs: BlobStore) -> None:
         with pytest.raises(NotFound):
@@ -156,6 +164,18 @@ class TestFileBlobStore(BlobStoreContract):
         await blobs.put_bytes(b"one")
         await blobs.put(_chunks(os.urandom(MiB), 4096))
         await blobs.put_many([b"one", b"two", os.urandom(MiB)])
+        assert blobs.temp_files() == []
+
+    async def test_directories_removed_by_hand_are_made_again(
+            self, blobs: FileBlobStore) -> None:
+        # The store remembers which fan-out directories it made; one removed under it
+        # (an operator cleaning up) must not make later puts fail.
+        first = await blobs.put_many([b"first"])
+        shutil.rmtree(blobs.root)
+        again = await blobs.put_many([b"first", b"second"])
+        assert again[0] == first[0]
+        for ref, data in zip(again, [b"first", b"second"], strict=True):
+            assert blobs.path(ref.key).read_bytes() == data
         assert blobs.temp_files() == []
 
     async def test_a_failed_put_leaves_no_temp_file(self, blobs: FileBlobStore) -> None:

@@ -426,6 +426,21 @@ class MetadataStoreContract:
             mine.email_id, None, None, theirs.email_id]
         assert found[0] is not None and found[0].subject == "mine"
 
+    async def test_bodies_are_kept_or_left_to_the_raw_message_as_asked(
+            self, store: MetadataStore, user: common_pb2.User) -> None:
+        kept = delivery(user.user_id, "job-b:1")
+        kept.parsed.text, kept.parsed.html = "the text", "<p>the html</p>"
+        from_raw = delivery(user.user_id, "job-b:2")
+        from_raw.parsed.bodies_from_raw = True
+        first, second = await store.store_deliveries([kept, from_raw])
+        assert isinstance(first, StoredDelivery) and isinstance(second, StoredDelivery)
+        one = await store.get_message(user.user_id, first.email_id)
+        assert (one.text, one.html, one.bodies_from_raw) == (
+            "the text", "<p>the html</p>", False)
+        (two,) = await store.get_messages([(user.user_id, second.email_id)])
+        assert two is not None and (two.text, two.html, two.bodies_from_raw) == (
+            "", "", True)
+
     async def test_delivery_key_is_scoped_per_user(
             self, store: MetadataStore, user: common_pb2.User, other: common_pb2.User
             ) -> None:
@@ -701,6 +716,31 @@ class TestSQLiteMetadataStore(MetadataStoreContract):
                 await reopened.get_user(user.user_id)
         finally:
             await reopened.close()
+
+    async def test_a_database_from_before_bodies_from_raw_gets_the_column(
+            self, tmp_path: Path) -> None:
+        path = tmp_path / "metadata.db"
+        store = await SQLiteMetadataStore.open(path, FAST_HASHER)
+        user = await store.create_user("old@example.test", "pw")
+        request = delivery(user.user_id, "d1")
+        request.parsed.text = "kept in the row"
+        stored = await store.store_delivery(request)
+        await store.close()
+        with contextlib.closing(sqlite3.connect(path)) as conn:  # as schema version 1 was
+            conn.execute("ALTER TABLE emails_by_user DROP COLUMN bodies_from_raw")
+            conn.execute("PRAGMA user_version=1")
+        reopened = await SQLiteMetadataStore.open(path, FAST_HASHER)
+        try:
+            old = await reopened.get_message(user.user_id, stored.email_id)
+            assert (old.text, old.bodies_from_raw) == ("kept in the row", False)
+            new = delivery(user.user_id, "d2")
+            new.parsed.bodies_from_raw = True
+            added = await reopened.store_delivery(new)
+            assert (await reopened.get_message(user.user_id, added.email_id)).bodies_from_raw
+        finally:
+            await reopened.close()
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone() == (2,)
 
     async def test_passwords_are_stored_as_argon2id_hashes(self, tmp_path: Path) -> None:
         store = await SQLiteMetadataStore.open(tmp_path / "m.db", FAST_HASHER)

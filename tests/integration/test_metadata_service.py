@@ -22,6 +22,7 @@ from mailgrid.errors import (
     NotFound,
     Unauthenticated,
 )
+from mailgrid.filing import parse_limited
 from mailgrid.grpcutil import CHUNK_SIZE, channel
 from mailgrid.natsd import NatsServer
 from mailgrid.settings import Settings
@@ -242,6 +243,47 @@ async def test_get_messages_answers_in_order_and_hides_other_users_mail(
                                        (bob.user_id, theirs)])
     assert [m.subject if m else None for m in found] == ["mine", None, "theirs"]
     assert await client.get_messages([]) == []
+
+
+async def test_bodies_from_raw_are_parsed_when_read_or_handed_over_raw(
+        app: MetadataApp, client: MetadataClient, alice: common_pb2.User,
+        bob: common_pb2.User) -> None:
+    raw = (b"Subject: parts\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/alternative; boundary=b\r\n\r\n"
+           b"--b\r\nContent-Type: text/plain; charset=utf-8\r\n"
+           b"Content-Transfer-Encoding: quoted-printable\r\n\r\nCaf=C3=A9 au lait\r\n"
+           b"--b\r\nContent-Type: text/html\r\n\r\n<p>Caf&eacute;</p>\r\n--b--\r\n")
+    filed = parse_limited(Settings(), raw).message
+    put = await client.put_blob(raw)
+
+    async def file(key: str, from_raw: bool, blob_key: str = put.blob_key) -> str:
+        request = metadata_pb2.StoreDeliveryRequest(
+            user_id=alice.user_id, delivery_key=key, blob_key=blob_key, size=len(raw))
+        request.parsed.CopyFrom(filed)
+        if from_raw:
+            request.parsed.ClearField("text")
+            request.parsed.ClearField("html")
+            request.parsed.bodies_from_raw = True
+        return (await client.store_delivery(request)).email_id
+
+    kept, derived = await file("kept", False), await file("derived", True)
+    for email_id in (kept, derived):  # a reader cannot tell the two apart
+        message = await client.get_message(alice.user_id, email_id)
+        assert (message.text, message.html) == (filed.text, filed.html)
+        assert "Café au lait" in message.text and not message.raw
+    as_raw = await client.get_messages([(alice.user_id, kept), (alice.user_id, derived),
+                                        (bob.user_id, derived)], bodies_as_raw=True)
+    first, second, foreign = as_raw
+    assert first is not None and (first.text, first.raw) == (filed.text, b"")
+    assert second is not None and (second.text, second.html, second.raw) == ("", "", raw)
+    assert foreign is None
+    # Its raw message gone (it never is while referenced): the rest is still shown.
+    other = await client.put_blob(raw + b"\r\n")
+    lost = await file("lost", True, blob_key=other.blob_key)
+    assert await app.blobs.delete(other.blob_key)
+    message = await client.get_message(alice.user_id, lost)
+    assert message.subject == "parts" and message.text == ""
+    assert "the raw message is missing from the blob store" in message.parse_problems
 
 
 async def test_get_messages_replies_stop_under_8_mib_and_the_client_asks_again(

@@ -26,6 +26,7 @@ def test_crlf_only_messages_have_no_bare_cr_or_lf(data: bytes) -> None:
     b"Subject: a\r\n\r\nbody\r\r\n",      # CR CR LF: one bare CR
     b"Subject: a\r\n\r\nbo\rdy\r\n",      # bare CR inside a line
     b"a\r\n.\n",                          # LF-style end of data, smuggling attempt
+    b"a\rb\nc\r\n",                       # a bare CR and a bare LF on one line
     b"\n",
     b"\r",
 ])
