@@ -18,6 +18,7 @@ it costs more to read.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -142,6 +143,20 @@ class TreeMeter:
             if self.samples % self.pss_every == 0:
                 self.peak_pss = max(self.peak_pss, tree_pss_bytes(self.roots))
             self.samples += 1
+
+    def settle(self, window: float = 0.5, quiet_share: float = 0.05,
+               limit: float = 120.0) -> float:
+        """Waits (measuring on) until the tree has finished the work it deferred: until
+        it spends less than ``quiet_share`` of one CPU over a ``window``, or ``limit``
+        seconds pass. Returns the seconds waited. Work a server does after the last
+        message is delivered (e.g. indexing it for search) is part of its cost."""
+        started = time.monotonic()
+        while time.monotonic() - started < limit:
+            before = tree_cpu_seconds(self.roots)
+            time.sleep(window)
+            if tree_cpu_seconds(self.roots) - before < quiet_share * window:
+                break
+        return time.monotonic() - started
 
     def stop(self) -> None:
         """Ends the measurement; later calls change nothing."""

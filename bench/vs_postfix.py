@@ -79,6 +79,8 @@ class Round:
     peak_rss: int = 0
     peak_pss: int = 0
     smtp_seconds: float = 0.0
+    # After the last delivery, until the tree went quiet (its CPU is counted).
+    settle_seconds: float = 0.0
     error: str = ""
     # CPU seconds per process name (Postfix: short-lived daemons count under "master").
     cpu_by_process: dict[str, float] = field(default_factory=dict)
@@ -222,6 +224,9 @@ def run_round(peer: str, size: int, sessions: int, messages: int, port: int,
             raise RoundFailed(failure)
         count = _wait_for(before + messages, delivered)
         result.seconds = time.perf_counter() - started
+        # The rate ends at the last delivery; the CPU cost also counts what the servers
+        # still do for those messages afterwards (mailgrid's search indexing).
+        result.settle_seconds = meter.settle()
         meter.stop()  # before the duplicate check below: its wait is not the servers' work
         if count != before + messages:
             raise RoundFailed(f"delivered {count - before} of {messages} messages")
@@ -455,7 +460,8 @@ def _round_line(r: Round, n: int) -> str:
     if not r.ok:
         return head + "FAILED: " + r.error
     return (head + f"{r.rate:7.1f} msgs/s  ({r.messages} in {r.seconds:.2f} s, smtp-source "
-            f"{r.smtp_seconds:.2f} s)  CPU {r.cpu_ms_per_message:.2f} ms/msg  "
+            f"{r.smtp_seconds:.2f} s)  CPU {r.cpu_ms_per_message:.2f} ms/msg "
+            f"(quiet {r.settle_seconds:.1f} s later)  "
             f"peak RSS {r.peak_rss / MiB:.1f} MiB, PSS {r.peak_pss / MiB:.1f} MiB\n"
             f"{'':>{len(head) + 2}}CPU ms/msg by process: " + ", ".join(
                 f"{name.removeprefix('mailgrid serve ')} {secs * 1000 / r.messages:.2f}"

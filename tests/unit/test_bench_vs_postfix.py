@@ -4,9 +4,12 @@ smtp-source command and how its failures are read, and the summary table."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 from bench.postfix import main_cf, master_cf
+from bench.procs import TreeMeter
 from bench.vs_postfix import (
     Round,
     command_name,
@@ -148,3 +151,20 @@ def test_markdown_of_a_report_shows_the_ratio_and_failed_rounds_verbatim() -> No
     text = markdown(report)
     assert "| 4 KB | | **mailgrid/Postfix** | **0.50x** | 2.00x |" in text
     assert "FAILED: `smtp-source exited 1: fatal: 421`" in text
+
+
+def test_tree_meter_settles_after_the_deferred_work_and_counts_it() -> None:
+    # A server that keeps one CPU busy for a second after "delivery", then idles.
+    busy = ("import time\nstart = time.monotonic()\n"
+            "while time.monotonic() - start < 1.0: pass\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", busy])
+    try:
+        meter = TreeMeter([proc.pid])
+        meter.start()
+        waited = meter.settle(window=0.2, limit=10.0)
+        meter.stop()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert 0.6 <= waited < 5.0
+    assert meter.cpu_seconds >= 0.6
