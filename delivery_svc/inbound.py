@@ -370,8 +370,7 @@ class InboundWorker:
             return
         outcomes: list[metadata_pb2.StoreDeliveryResponse | MailgridError]
         try:
-            outcomes = await self.metadata.store_deliveries(metadata_pb2.StoreDeliveriesRequest(
-                blobs=batch.blobs, deliveries=batch.deliveries))
+            outcomes = await self.metadata.store_deliveries(batch.blobs, batch.deliveries)
         except MailgridError as err:
             outcomes = [err] * len(batch.deliveries)
         except Exception as err:

@@ -5,10 +5,11 @@ Services reach each other only through these (or NATS subjects).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 
 import grpc
 
+from mailgrid import wire
 from mailgrid.errors import MailgridError, from_grpc
 from mailgrid.grpcutil import CHUNK_SIZE, call, channel, stream
 from mailgrid.v1 import (
@@ -18,6 +19,9 @@ from mailgrid.v1 import (
     metadata_pb2,
     metadata_pb2_grpc,
 )
+
+# StoreDeliveriesRequest.blobs
+STORE_DELIVERIES_BLOBS = metadata_pb2.StoreDeliveriesRequest.BLOBS_FIELD_NUMBER
 
 # google.rpc.Code numbers back to grpc's enum, for per-item outcomes of batch calls.
 _STATUS_BY_CODE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
@@ -30,6 +34,11 @@ class MetadataClient:
         self._channel: grpc.aio.Channel = channel(target)
         self._meta = metadata_pb2_grpc.MetadataServiceStub(self._channel)
         self._blobs = metadata_pb2_grpc.BlobServiceStub(self._channel)
+        # StoreDeliveries with its request joined on the wire by hand (mailgrid.wire).
+        self._store_deliveries: grpc.aio.UnaryUnaryMultiCallable[
+            bytes, metadata_pb2.StoreDeliveriesResponse] = self._channel.unary_unary(
+            "/mailgrid.v1.MetadataService/StoreDeliveries", request_serializer=None,
+            response_deserializer=metadata_pb2.StoreDeliveriesResponse.FromString)
         self.timeout = timeout
 
     async def close(self) -> None:
@@ -151,10 +160,15 @@ class MetadataClient:
                              ) -> metadata_pb2.StoreDeliveryResponse:
         return await call(self._meta.StoreDelivery(req, timeout=self.timeout))
 
-    async def store_deliveries(self, req: metadata_pb2.StoreDeliveriesRequest
+    async def store_deliveries(self, blobs: Sequence[bytes],
+                               deliveries: Sequence[metadata_pb2.BatchedDelivery]
                                ) -> list[metadata_pb2.StoreDeliveryResponse | MailgridError]:
-        """One outcome per delivery, in order: stored, or the error it failed with."""
-        reply = await call(self._meta.StoreDeliveries(req, timeout=self.timeout))
+        """StoreDeliveries of ``deliveries``, carrying the raw messages ``blobs``: one
+        outcome per delivery, in order: stored, or the error it failed with."""
+        request = (wire.records(STORE_DELIVERIES_BLOBS, blobs)
+                   + metadata_pb2.StoreDeliveriesRequest(deliveries=deliveries)
+                   .SerializeToString())
+        reply = await call(self._store_deliveries(request, timeout=self.timeout))
         return [result.stored if result.HasField("stored")
                 else from_grpc(_STATUS_BY_CODE.get(result.code, grpc.StatusCode.UNKNOWN),
                                result.message)

@@ -48,6 +48,53 @@ def rpc(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     return wrapper
 
 
+class _HandlerRecorder:
+    """Stands in for the server while a generated ``add_*_to_server`` runs, to keep the
+    method handlers it builds."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+            self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+def with_prebuilt_replies(register: Callable[[Any, Any], None], methods: set[str]
+                          ) -> Callable[[Any, grpc.aio.Server], None]:
+    """``register`` (a generated ``add_*_to_server``) for a servicer whose unary
+    ``methods`` may return their reply already serialized, as bytes joined on the wire
+    (mailgrid.wire): such bytes are sent as they are, a message is serialized as usual."""
+
+    def add(servicer: Any, server: grpc.aio.Server) -> None:
+        recorder = _HandlerRecorder()
+        register(servicer, recorder)
+        for name in methods:
+            handler = recorder.handlers[name]
+            assert handler.unary_unary is not None, f"{name} is not a unary method"
+            recorder.handlers[name] = grpc.unary_unary_rpc_method_handler(
+                handler.unary_unary, request_deserializer=handler.request_deserializer,
+                response_serializer=_bytes_or(handler.response_serializer))
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(recorder.service, recorder.handlers),))
+        server.add_registered_method_handlers(recorder.service, recorder.handlers)
+
+    return add
+
+
+def _bytes_or(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:
+    assert serialize is not None, "a generated handler always has a serializer"
+
+    def serializer(reply: Any) -> bytes:
+        return reply if isinstance(reply, bytes) else serialize(reply)
+
+    return serializer
+
+
 def rpc_stream(
     method: Callable[P, AsyncIterator[R]],
 ) -> Callable[P, AsyncIterator[R]]:

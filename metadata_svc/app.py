@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from mailgrid.grpcutil import GrpcServer
+from mailgrid.grpcutil import GrpcServer, with_prebuilt_replies
 from mailgrid.service import configure_logging, run_until_signalled
 from mailgrid.settings import Settings
 from mailgrid.v1 import metadata_pb2_grpc
@@ -67,8 +67,9 @@ class MetadataApp:
                                 settings.blob_gc_interval)
         self.gc.start()
         server = GrpcServer(settings.metadata_addr)
-        server.add(metadata_pb2_grpc.add_MetadataServiceServicer_to_server,
-                   MetadataServicer(self._store, self.blobs, settings), METADATA_SERVICE)
+        server.add(with_prebuilt_replies(
+            metadata_pb2_grpc.add_MetadataServiceServicer_to_server, {"GetMessages"}),
+            MetadataServicer(self._store, self.blobs, settings), METADATA_SERVICE)
         server.add(metadata_pb2_grpc.add_BlobServiceServicer_to_server,
                    BlobServicer(self.blobs), BLOB_SERVICE)
         self._server = server

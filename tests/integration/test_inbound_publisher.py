@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from nats.js import JetStreamContext
 
-from gateway.inbound_publisher import InboundPublisher
+from gateway.inbound_publisher import InboundPublisher, batch_payload
 from mailgrid import bus
 from mailgrid.errors import Unavailable
 from mailgrid.v1 import delivery_pb2
@@ -35,6 +35,14 @@ async def test_jobs_published_together_are_stored_in_fewer_messages_each_once(
     queue_ids = [j.queue_id for jobs in messages for j in jobs]
     assert sorted(queue_ids) == [f"Q{n:04d}" for n in range(50)]
     assert len(messages) < 50
+
+
+@pytest.mark.parametrize("sizes", [[0], [1, 126, 127, 128], [16383, 16384, 2_100_000]])
+def test_batch_payload_is_the_inbound_batch_wire_form(sizes: list[int]) -> None:
+    jobs = [job(n, size) for n, size in enumerate(sizes)]
+    payload = batch_payload([j.SerializeToString() for j in jobs])
+    assert payload == delivery_pb2.InboundBatch(jobs=jobs).SerializeToString()
+    assert list(delivery_pb2.InboundBatch.FromString(payload).jobs) == jobs
 
 
 async def test_a_lone_job_is_stored_as_a_plain_inbound_job(js: JetStreamContext) -> None:

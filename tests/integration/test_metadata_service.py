@@ -213,12 +213,12 @@ async def test_store_deliveries_stores_the_carried_bytes_and_answers_each_delive
         request.parsed.subject = "batched"
         return metadata_pb2.BatchedDelivery(request=request, blob_index=index)
 
-    outcomes = await client.store_deliveries(metadata_pb2.StoreDeliveriesRequest(
-        blobs=[raw], deliveries=[
+    outcomes = await client.store_deliveries(
+        [raw], [
             batched(alice, "q1:alice"), batched(bob, "q1:bob"),
             batched(alice, "q2:alice", blob_index=7),            # no such carried blob
             batched(bob, "q3:bob", blob_key="f" * 64, size=1),  # a blob never stored
-        ]))
+        ])
     stored_a, stored_b, no_blob, missing = outcomes
     assert isinstance(stored_a, metadata_pb2.StoreDeliveryResponse) and stored_a.created
     assert isinstance(stored_b, metadata_pb2.StoreDeliveryResponse) and stored_b.created
@@ -229,8 +229,7 @@ async def test_store_deliveries_stores_the_carried_bytes_and_answers_each_delive
     assert b"".join([c async for c in client.raw_message(alice.user_id, message.email_id)]) \
         == raw
     # A batch repeated (the worker retrying) stores nothing twice.
-    again = await client.store_deliveries(metadata_pb2.StoreDeliveriesRequest(
-        blobs=[raw], deliveries=[batched(alice, "q1:alice")]))
+    again = await client.store_deliveries([raw], [batched(alice, "q1:alice")])
     assert isinstance(again[0], metadata_pb2.StoreDeliveryResponse)
     assert (again[0].email_id, again[0].created) == (stored_a.email_id, False)
 

@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailgrid.mime import ParsedEmail, html_to_text, make_preview, parse_message, split_mbox
 from tests.conftest import CORPUS
@@ -95,6 +97,18 @@ def test_preview_is_about_200_characters_of_collapsed_whitespace() -> None:
     assert len(preview) <= 200
     assert "  " not in preview
     assert preview.startswith("word word")
+
+
+_WHITESPACE = [chr(c) for c in range(0x3001) if chr(c).isspace()]
+
+
+@given(st.lists(st.one_of(st.text(max_size=30), st.sampled_from(_WHITESPACE)), max_size=80))
+@settings(max_examples=300, deadline=None)
+def test_preview_collapses_whitespace_exactly_as_the_regex_did(pieces: list[str]) -> None:
+    text = "".join(pieces)
+    expected = re.sub(r"\s+", " ", text[:4000]).strip()
+    expected = expected if len(expected) <= 200 else expected[:199].rstrip() + "…"
+    assert make_preview(text) == expected
 
 
 def test_html_to_text_skips_scripts_and_styles() -> None:

@@ -1,0 +1,33 @@
+"""Protobuf wire form put together by hand, for messages that carry many large bodies.
+
+The protobuf runtime (upb, protobuf 7) serializes one message holding megabytes of
+bytes fields at about 0.5 GB/s: 12 ms for a batch of 64 messages of 100 KB, against
+0.3 ms to serialize the 64 parts on their own and join them. A repeated field of
+length-delimited records (bytes, strings, messages) is, on the wire, just each record
+as tag, length, bytes, one after the other, and a message's fields may come in any order
+(protobuf encoding, "Length-Delimited Records" and "Repeated Elements"), so a batch can
+be joined from its parts and is read back by the generated parser as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+_LENGTH_DELIMITED = 2
+
+
+def records(field_number: int, items: Iterable[bytes]) -> bytes:
+    """The wire form of the repeated length-delimited field ``field_number`` holding
+    ``items`` (bytes values, or serialized messages), in order."""
+    tag = varint(field_number << 3 | _LENGTH_DELIMITED)
+    return b"".join([part for item in items for part in (tag, varint(len(item)), item)])
+
+
+def varint(value: int) -> bytes:
+    """``value`` (not negative) as a base-128 varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
