@@ -12,6 +12,7 @@ import getpass
 import importlib
 import inspect
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -139,6 +140,11 @@ def load_app(name: str) -> Callable[[Settings], Service]:
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(settings, args.service)
+    spec = services.BY_NAME[args.service]
+    if spec.nice_setting and (nice := getattr(settings, spec.nice_setting)):
+        os.nice(nice)  # before any thread starts: every thread of the process inherits it
+        log.info("%s runs at CPU niceness %d (%s)", args.service, os.nice(0),
+                 spec.nice_setting)
     app = load_app(args.service)(settings)
     try:
         asyncio.run(run_until_signalled(app))

@@ -17,6 +17,9 @@ class ServiceSpec:
     app_class: str
     # Settings fields of the listeners it binds; the first is its gRPC address.
     listeners: tuple[str, ...]
+    # Settings field of the CPU niceness `mailgrid serve` runs it at (background work
+    # that yields to the mail flow when CPU is short); empty: the launcher's own.
+    nice_setting: str = ""
 
     @property
     def grpc_setting(self) -> str:
@@ -27,7 +30,8 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("metadata", "metadata_svc.app", "MetadataApp", ("metadata_addr",)),
     ServiceSpec("delivery", "delivery_svc.app", "DeliveryApp", ("delivery_addr",)),
     ServiceSpec("realtime", "realtime_svc.app", "RealtimeApp", ("realtime_addr",)),
-    ServiceSpec("search", "search_svc.app", "SearchApp", ("search_addr",)),
+    ServiceSpec("search", "search_svc.app", "SearchApp", ("search_addr",),
+                nice_setting="search_nice"),
     ServiceSpec("gateway", "gateway.app", "GatewayApp",
                 ("gateway_grpc_addr", "http_addr", "smtp_addr", "submission_addr")),
 )

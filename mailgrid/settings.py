@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     # Seconds the indexer waits for more events when a batch is short: fewer, fuller
     # index commits under load (search waits for what it must see by event sequence).
     search_linger: float = 0.1
+    # CPU niceness (0-19) of `mailgrid serve search`: indexing is background work, so
+    # when CPU is short, accepting and filing mail come first and the index catches up
+    # after the burst (a search that must see a message waits for it by event sequence).
+    search_nice: int = Field(default=10, ge=0, le=19)
     # gRPC listener of the gateway (health and reflection only).
     gateway_grpc_addr: str = "127.0.0.1:0"
     # Metadata database; sqlite:///PATH (default: data_dir/metadata.db) or

@@ -89,6 +89,16 @@ def test_user_add_while_running_goes_through_metadata_svc(shared_suite: Suite) -
     assert token(shared_suite, "alice@example.test", "s3cret-pw").status_code == 200
 
 
+def test_search_indexes_at_a_lower_cpu_priority_than_the_mail_flow(
+        shared_suite: Suite) -> None:
+    # Indexing yields to accepting and filing mail when CPU is short (search_nice).
+    niceness = {name: os.getpriority(os.PRIO_PROCESS, shared_suite.endpoints().services[name].pid)
+                for name in SERVICES}
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert niceness["search"] == min(base + 10, 19)
+    assert all(niceness[name] == base for name in SERVICES if name != "search")
+
+
 def test_a_killed_child_is_restarted_on_the_same_address(suite: Suite) -> None:
     for name in SERVICES:
         before = suite.endpoints().services[name]
