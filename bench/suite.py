@@ -35,7 +35,8 @@ class Suite:
             MAILGRID_SMTP_ADDR=self.smtp_addr,
             MAILGRID_SUBMISSION_ADDR=f"127.0.0.1:{free_port()}",
             MAILGRID_DOMAINS=self.domains,
-            MAILGRID_LOG_LEVEL="WARNING",
+            # The default level (INFO, a few lines per message), as an operator runs
+            # it: Postfix logs every message too, and that CPU counts for both.
         )
         env.update(self.extra_env)
         return env

@@ -188,7 +188,13 @@ def delivery_key(queue_id: str, rcpt: str) -> str:
 
 def _bodies_in_raw(parsed: metadata_pb2.ParsedMessage) -> metadata_pb2.ParsedMessage:
     """``parsed`` as filed: without its text and html, which the store derives from the
-    raw message it keeps anyway, so the body bytes travel and are written once."""
+    raw message it keeps anyway, so the body bytes travel and are written once.
+
+    A message with attachments keeps its bodies: deriving them would mean parsing (and
+    decoding) its attachments again on every read.
+    """
+    if parsed.attachments:
+        return parsed
     filed = metadata_pb2.ParsedMessage()
     filed.CopyFrom(parsed)
     filed.ClearField("text")

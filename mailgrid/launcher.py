@@ -239,11 +239,26 @@ class Child:
 
 
 async def pump_output(name: str, stream: asyncio.StreamReader, sink: IO[str]) -> None:
-    """Copies a child's output line by line to ``sink``, prefixed with its name."""
+    """Copies a child's output to ``sink``, each line prefixed with its name.
+
+    Whatever has arrived is copied at once, in whole lines (one write for many lines
+    under load, not one per line; a line of any length is fine); a last line without
+    its newline is copied when the child closes its output.
+    """
     prefix = f"{name:<9}| "
-    while line := await stream.readline():
-        sink.write(prefix + line.decode(errors="replace").rstrip("\n") + "\n")
+    pending = b""
+    while chunk := await stream.read(PUMP_CHUNK):
+        *lines, pending = (pending + chunk).split(b"\n")
+        if lines:
+            sink.write("".join(f"{prefix}{line.decode(errors='replace')}\n"
+                               for line in lines))
+            sink.flush()
+    if pending:
+        sink.write(f"{prefix}{pending.decode(errors='replace')}\n")
         sink.flush()
+
+
+PUMP_CHUNK = 64 * 1024
 
 
 # The launcher --------------------------------------------------------------------------

@@ -20,11 +20,22 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
 
+# aiosmtpd's logger: at INFO it traces every connection and every SMTP command, a dozen
+# lines per message (Postfix logs about six, one per event of the message's life).
+SMTP_TRACE_LOGGER = "mail.log"
+
+
 def configure_logging(settings: Settings, name: str) -> None:
+    level = settings.log_level.upper()
     logging.basicConfig(
-        level=settings.log_level.upper(),
+        level=level,
         format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
+    # The gateway logs one line per accepted message itself; the protocol trace comes
+    # back with MAILGRID_LOG_LEVEL=DEBUG.
+    trace = logging.getLogger(SMTP_TRACE_LOGGER)
+    trace.setLevel(logging.DEBUG if level == "DEBUG" else max(logging.WARNING,
+                                                               logging.getLevelName(level)))
 
 
 async def run_until_signalled(service: Service) -> None:

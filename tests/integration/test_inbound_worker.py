@@ -153,6 +153,8 @@ async def test_job_is_filed_into_the_inbox_with_parsed_fields_and_attachments(
     assert message.text.strip() == "Body of Quarterly numbers."
     assert "<b>Quarterly numbers</b>" in message.html
     assert message.preview == "Body of Quarterly numbers."
+    # With attachments, the bodies are kept: deriving them would decode those again.
+    assert not message.bodies_from_raw
     assert message.blob_key == job.blob_key
     # The store keeps the arrival time to the millisecond or better.
     assert message.received_at.ToMilliseconds() == job.received_at.ToMilliseconds()
@@ -167,6 +169,21 @@ async def test_job_is_filed_into_the_inbox_with_parsed_fields_and_attachments(
     assert await read_all(client.raw_message(alice.user_id, message.email_id)) == raw
     await eventually(lambda: inbound_empty(js), "the job to be acked")
     assert await dead_letters(js) == []
+
+
+async def test_a_message_without_attachments_leaves_its_bodies_to_the_raw_message(
+        delivery: DeliveryApp, client: MetadataClient, js: JetStreamContext) -> None:
+    alice = await client.create_user("alice@example.test", PASSWORD)
+    raw = make_message("Plain words")
+    job = inline_job(raw, ["alice@example.test"], "Q-plain")
+    await bus.publish(js, bus.INBOUND_SUBJECT, job.SerializeToString(), job.queue_id)
+
+    (summary,) = await eventually(lambda: inbox(client, alice), "the message in the inbox")
+    message = await client.get_message(alice.user_id, summary.email_id)
+    assert message.bodies_from_raw  # the body bytes were sent and stored once
+    assert message.text.strip() == "Body of Plain words."
+    assert "<b>Plain words</b>" in message.html
+    assert message.preview == "Body of Plain words."
 
 
 async def test_redelivered_job_is_filed_once(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -17,8 +19,10 @@ from mailgrid.launcher import (
     endpoints_path,
     free_addr,
     load_or_create_token_secret,
+    pump_output,
     token_secret_path,
 )
+from mailgrid.service import SMTP_TRACE_LOGGER, configure_logging
 from mailgrid.settings import Settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -230,3 +234,31 @@ def test_every_setting_has_a_comment() -> None:
     comments = cli.setting_comments()
     assert set(comments) == set(Settings.model_fields)
     assert all(comments.values())
+
+
+@pytest.mark.parametrize(("level", "trace_info", "trace_warning"), [
+    ("INFO", False, True), ("DEBUG", True, True), ("ERROR", False, False)])
+def test_the_smtp_protocol_trace_is_logged_only_at_debug(
+        level: str, trace_info: bool, trace_warning: bool) -> None:
+    trace = logging.getLogger(SMTP_TRACE_LOGGER)
+    before = trace.level
+    try:
+        configure_logging(Settings(log_level=level), "gateway")
+        assert trace.isEnabledFor(logging.INFO) is trace_info
+        assert trace.isEnabledFor(logging.WARNING) is trace_warning
+    finally:
+        trace.setLevel(before)
+
+
+async def test_child_output_is_copied_in_whole_prefixed_lines() -> None:
+    stream = asyncio.StreamReader()
+    long_line = "x" * 200_000  # longer than a StreamReader line may be
+    data = f"first\nsecond é\n{long_line}\nno newline at the end".encode()
+    for start in range(0, len(data), 7001):  # pieces that cut lines (and é) in two
+        stream.feed_data(data[start:start + 7001])
+    stream.feed_eof()
+    sink = io.StringIO()
+    await pump_output("gateway", stream, sink)
+    assert sink.getvalue().splitlines() == [
+        "gateway  | first", "gateway  | second é", f"gateway  | {long_line}",
+        "gateway  | no newline at the end"]
