@@ -82,8 +82,12 @@ class InboundChecks:
                 checks = JobChecks(auth, auth.header_value(server), names, job.mail_from,
                                    external=True)
         checks.virus = await self.scanner.scan(raw)
-        log.info("job %s: %s%s", job.queue_id, checks.authentication_results.replace(
-            "\r\n\t", " "), f"; virus {checks.virus}" if checks.virus else "")
+        # What the checks found is worth a line; that none ran (checks off, or mail from
+        # a local user) is not, except when debugging.
+        log.log(logging.INFO if checks.auth is not None or checks.virus else logging.DEBUG,
+                "job %s: %s%s", job.queue_id,
+                checks.authentication_results.replace("\r\n\t", " "),
+                f"; virus {checks.virus}" if checks.virus else "")
         return checks
 
     def decide(self, checks: JobChecks, parsed: metadata_pb2.ParsedMessage,
