@@ -336,14 +336,21 @@ def mailgrid_per_message_work(env: dict[str, str]) -> list[str]:
     """What mailgrid does per message with the settings it runs under here."""
     settings = Settings.model_validate(
         {k.removeprefix("MAILGRID_").lower(): v for k, v in env.items()})
-    work = ["SMTP edge (aiosmtpd) writes the raw message to the blob store and publishes an "
-            "INBOUND job on JetStream before 250",
-            "delivery_svc parses MIME (mailgrid.mime) and stores one delivery per recipient "
-            "(SQLite metadata store, event outbox)",
+    inline = settings.inbound_inline_max_bytes
+    work = ["SMTP edge (aiosmtpd) publishes the message on JetStream (stored and fsynced) "
+            f"before 250: inside its INBOUND job up to {inline // 1024} KiB, jobs accepted "
+            "together in one message; larger ones go to the blob store first",
+            "delivery_svc parses MIME (mailgrid.mime) and files the jobs it fetched with one "
+            "StoreDeliveries call: raw bytes into the blob store (one group sync), one copy "
+            "per recipient into the SQLite metadata store with its event outbox, in one "
+            "transaction",
             f"spam score per recipient (delivery_svc/checks/spam.py, threshold "
             f"{settings.spam_threshold:g})",
-            "search_svc indexes every message (tantivy) from the events stream; realtime_svc "
-            "fans events out (no client connected here)"]
+            "search_svc indexes every message (tantivy) from the events stream, at CPU "
+            f"niceness {settings.search_nice} (its CPU is counted until the tree is quiet); "
+            "realtime_svc fans events out (no client connected here)",
+            f"log level {settings.log_level} (mailgrid's default is INFO: a line per "
+            "accepted message and per filed job)"]
     work.append("SPF/DKIM/DMARC: " + ("ON" if settings.inbound_auth_checks else
                                       "off (MAILGRID_INBOUND_AUTH_CHECKS=false; Postfix "
                                       "does none either)"))
