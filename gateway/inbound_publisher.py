@@ -94,9 +94,7 @@ class InboundPublisher:
             with contextlib.suppress(Exception):
                 await flusher
 
-
-
 def batch_payload(jobs: list[bytes]) -> bytes:
-    """The InboundBatch of serialized jobs (field 1, ``jobs``), joined on the wire
-    without decoding the jobs into messages again (see mailgrid.wire)."""
-    return wire.records(1, jobs)
+    """The InboundBatch of serialized jobs, joined on the wire without decoding the
+    jobs into messages again (see mailgrid.wire)."""
+    return wire.records(delivery_pb2.InboundBatch.JOBS_FIELD_NUMBER, jobs)

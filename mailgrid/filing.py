@@ -12,6 +12,7 @@ import hashlib
 from mailgrid.clients import MetadataClient
 from mailgrid.mime import ParsedEmail, iter_attachments, parse_message
 from mailgrid.settings import Settings
+from mailgrid.v1 import common_pb2
 
 
 def parse_limited(settings: Settings, raw: bytes) -> ParsedEmail:
@@ -23,6 +24,13 @@ def parse_limited(settings: Settings, raw: bytes) -> ParsedEmail:
     return parse_message(raw, max_depth=settings.mime_max_depth,
                          max_parts=settings.mime_max_parts,
                          max_body_bytes=settings.mime_max_body_bytes)
+
+
+def fill_bodies(settings: Settings, message: common_pb2.Message, raw: bytes) -> None:
+    """Sets ``message``'s text and html from its raw message, parsed as at filing: for a
+    message filed with ParsedMessage.bodies_from_raw."""
+    parsed = parse_limited(settings, raw).message
+    message.text, message.html = parsed.text, parsed.html
 
 
 # Messages up to this size are parsed on the event loop: a thread hop costs more than

@@ -33,9 +33,9 @@ def configure_logging(settings: Settings, name: str) -> None:
     )
     # The gateway logs one line per accepted message itself; the protocol trace comes
     # back with MAILGRID_LOG_LEVEL=DEBUG.
-    trace = logging.getLogger(SMTP_TRACE_LOGGER)
-    trace.setLevel(logging.DEBUG if level == "DEBUG" else max(logging.WARNING,
-                                                               logging.getLevelName(level)))
+    wanted: int = logging.getLevelName(level)  # a level name's number
+    logging.getLogger(SMTP_TRACE_LOGGER).setLevel(
+        wanted if wanted <= logging.DEBUG else max(wanted, logging.WARNING))
 
 
 async def run_until_signalled(service: Service) -> None:

@@ -49,8 +49,9 @@ class FileBlobStore:
         # garbage collector never deletes bytes a put has just refreshed.
         self._lock = threading.Lock()
         self._root_name = os.fspath(root)
-        # Fan-out directories known to exist: directories are never removed, so each is
-        # created (and its parent synced) once, not stat'ed for every blob.
+        # Directories known to exist (the temp dir and the fan-out ones): the store never
+        # removes one, so each is made once instead of stat'ed for every blob; one
+        # removed by hand is made again when a write into it fails.
         self._made: set[str] = set()
         self._temp_names = itertools.count()
 
@@ -136,20 +137,19 @@ class FileBlobStore:
 
     def _create_temp(self) -> tuple[int, str]:
         """A new temp file, named by process and counter (O_EXCL: never another's)."""
+        tmp = os.fspath(self._tmp)
         try:
+            if tmp not in self._made:
+                self._make_parent(tmp)
             while True:
-                if "tmp" not in self._made:
-                    self._tmp.mkdir(parents=True, exist_ok=True)
-                    self._made.add("tmp")
-                name = f"{self._tmp}/put-{os.getpid()}-{next(self._temp_names)}"
+                name = f"{tmp}/put-{os.getpid()}-{next(self._temp_names)}"
                 try:
                     return os.open(name, _TEMP_FLAGS, 0o600), name
                 except FileExistsError:  # left by a crashed process with our pid
                     continue
-                except FileNotFoundError:
-                    if "tmp" not in self._made:
-                        raise
-                    self._made.discard("tmp")  # removed under us: make it again
+                except FileNotFoundError:  # removed by hand: made again, then retried
+                    self._make_parent(tmp)
+                    return os.open(name, _TEMP_FLAGS, 0o600), name
         except OSError as err:
             raise _storage_error(err) from err
 

@@ -16,7 +16,7 @@ import grpc
 
 from mailgrid import wire
 from mailgrid.errors import InvalidArgument, MailgridError, NotFound
-from mailgrid.filing import parse_limited
+from mailgrid.filing import fill_bodies
 from mailgrid.grpcutil import CHUNK_SIZE, rpc, rpc_stream
 from mailgrid.settings import Settings
 from mailgrid.v1 import common_pb2, metadata_pb2, metadata_pb2_grpc
@@ -30,13 +30,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 MAX_GET_MESSAGES = 1000
 MAX_REPLY_BYTES = 8 * 1024 * 1024
 GET_MESSAGES_RESULTS = metadata_pb2.GetMessagesResponse.RESULTS_FIELD_NUMBER
-
-
 MISSING_RAW = "the raw message is missing from the blob store"
-
-
-def _bodies(parsed: metadata_pb2.ParsedMessage) -> tuple[str, str]:
-    return parsed.text, parsed.html
 
 
 def _require(value: str, name: str) -> str:
@@ -61,31 +55,30 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
         self.blobs = blobs
         self.settings = settings or Settings()
 
-    async def _bodies_from_raw(self, messages: Sequence[common_pb2.Message]) -> None:
+    async def _bodies_from_raw(self, messages: Sequence[common_pb2.Message | None]) -> None:
         """Fills in the bodies of the messages whose bodies live only in their raw
-        message, parsed under the filing limits. A raw message gone missing is a parse
-        problem, not an error: the rest of the message is still there to show."""
-        todo = [m for m in messages if m.bodies_from_raw]
+        message. A raw message gone missing is a parse problem, not an error: the rest
+        of the message is still there to show."""
+        todo = [(m, raw) for m, raw in zip(messages, await self._raws(messages), strict=True)
+                if m is not None and m.bodies_from_raw]
         if not todo:
             return
-        raws = await self.blobs.read_many([m.blob_key for m in todo])
         settings = self.settings
 
-        def parse() -> list[tuple[str, str] | None]:
-            return [None if raw is None else _bodies(parse_limited(settings, raw).message)
-                    for raw in raws]
+        def parse() -> None:
+            for message, raw in todo:
+                if raw is None:
+                    message.parse_problems.append(MISSING_RAW)
+                else:
+                    fill_bodies(settings, message, raw)
 
-        for message, bodies in zip(todo, await asyncio.to_thread(parse), strict=True):
-            if bodies is None:
-                message.parse_problems.append(MISSING_RAW)
-            else:
-                message.text, message.html = bodies
+        await asyncio.to_thread(parse)
 
     async def _raws(self, messages: Sequence[common_pb2.Message | None]
                     ) -> list[bytes | None]:
         """The raw bytes of each message with bodies_from_raw (None for the others)."""
-        keys = {m.blob_key for m in messages if m is not None and m.bodies_from_raw}
-        found = dict(zip(keys, await self.blobs.read_many(list(keys)), strict=True))
+        keys = list({m.blob_key for m in messages if m is not None and m.bodies_from_raw})
+        found = dict(zip(keys, await self.blobs.read_many(keys), strict=True)) if keys else {}
         return [found.get(m.blob_key) if m is not None and m.bodies_from_raw else None
                 for m in messages]
 
@@ -171,7 +164,7 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
         if request.bodies_as_raw:
             raws = await self._raws(messages)
         else:
-            await self._bodies_from_raw([m for m in messages if m is not None])
+            await self._bodies_from_raw(messages)
             raws = [None] * len(messages)
         results: list[bytes] = []
         size = 0

@@ -28,7 +28,7 @@ from nats.js.errors import NotFoundError
 from mailgrid import bus
 from mailgrid.clients import MetadataClient
 from mailgrid.errors import MailgridError, Unavailable
-from mailgrid.filing import parse_limited
+from mailgrid.filing import fill_bodies
 from mailgrid.settings import Settings
 from mailgrid.v1 import common_pb2, events_pb2
 from search_svc.document import indexed_message, summary_of
@@ -190,8 +190,7 @@ class Indexer:
                 records.append(Delete(user_id, email_id))
                 continue
             if message.raw:
-                parsed = parse_limited(self.settings, message.raw).message
-                message.text, message.html = parsed.text, parsed.html
+                fill_bodies(self.settings, message, message.raw)
                 message.ClearField("raw")
             records.append(Upsert(indexed_message(user_id, message, summary_of(message))))
         return records
