@@ -742,6 +742,19 @@ class TestSQLiteMetadataStore(MetadataStoreContract):
         with contextlib.closing(sqlite3.connect(path)) as conn:
             assert conn.execute("PRAGMA user_version").fetchone() == (2,)
 
+    async def test_a_batch_journals_its_savepoints_in_memory(self, tmp_path: Path) -> None:
+        store = await SQLiteMetadataStore.open(tmp_path / "m.db", FAST_HASHER)
+        try:
+            user = await store.create_user("fay@example.test", "pw")
+            stored = await store.store_deliveries(
+                [delivery(user.user_id, f"d{n}") for n in range(40)])
+            assert len(stored) == 40
+            # 2 = MEMORY: the savepoints' sub-journal is no temp file in /var/tmp.
+            assert store._wconn is not None
+            assert store._wconn.execute("PRAGMA temp_store").fetchone()[0] == 2
+        finally:
+            await store.close()
+
     async def test_passwords_are_stored_as_argon2id_hashes(self, tmp_path: Path) -> None:
         store = await SQLiteMetadataStore.open(tmp_path / "m.db", FAST_HASHER)
         try:
