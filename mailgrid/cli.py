@@ -22,7 +22,7 @@ from typing import cast
 from pydantic import ValidationError
 
 import mailgrid
-from mailgrid import domain_cli, queue_cli, reindex_cli, services
+from mailgrid import domain_cli, memory, queue_cli, reindex_cli, services
 from mailgrid.errors import AlreadyExists, InvalidArgument, MailgridError, Unavailable
 from mailgrid.grpcutil import call, channel, wait_healthy
 from mailgrid.launcher import Endpoints, Launcher, pid_alive, read_endpoints
@@ -145,9 +145,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         os.nice(nice)  # before any thread starts: every thread of the process inherits it
         log.info("%s runs at CPU niceness %d (%s)", args.service, os.nice(0),
                  spec.nice_setting)
+    kept = memory.keep_freed_memory(settings.malloc_keep_bytes)
     app = load_app(args.service)(settings)
     try:
-        asyncio.run(run_until_signalled(app))
+        asyncio.run(_serve(app, settings.malloc_return_interval if kept else 0.0))
     except MailgridError as err:
         # A service that cannot start (port taken, NATS down) says why in one line.
         log.error("%s", err.detail)
@@ -159,6 +160,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
                   args.service, err.strerror or err, listeners)
         return 1
     return 0
+
+
+async def _serve(app: Service, return_interval: float) -> None:
+    returner = asyncio.create_task(memory.return_freed_memory(return_interval))
+    try:
+        await run_until_signalled(app)
+    finally:
+        returner.cancel()
 
 
 # user add ------------------------------------------------------------------------------

@@ -91,6 +91,13 @@ class Settings(BaseSettings):
     # when CPU is short, accepting and filing mail come first and the index catches up
     # after the burst (a search that must see a message waits for it by event sequence).
     search_nice: int = Field(default=10, ge=0, le=19)
+    # Freed C heap (glibc) a service keeps for reuse, in bytes; 0: glibc's defaults,
+    # which return large buffers to the OS at once, so that the next message faults
+    # its pages in again (mailgrid.memory).
+    malloc_keep_bytes: int = Field(default=128 * MiB, ge=0)
+    # A service that was quiet for this many seconds returns the heap it kept to the OS
+    # (0: never), so memory a burst of mail needed goes back soon after the burst.
+    malloc_return_interval: float = Field(default=10.0, ge=0)
     # gRPC listener of the gateway (health and reflection only).
     gateway_grpc_addr: str = "127.0.0.1:0"
     # Metadata database; sqlite:///PATH (default: data_dir/metadata.db) or
