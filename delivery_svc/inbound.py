@@ -110,7 +110,8 @@ class Batch:
         self.sender_lists: dict[str, list[common_pb2.SenderListEntry]] = {}
 
     def add_blob(self, key: str, data: bytes) -> int:
-        """The index of ``data`` (whose sha256 hex is ``key``) in blobs, added once."""
+        """The index of ``data`` in blobs, added once per ``key`` (a name that always
+        stands for the same bytes)."""
         if key not in self._index:
             self._index[key] = len(self.blobs)
             self.blobs.append(data)
@@ -303,12 +304,14 @@ class InboundWorker:
         raw = await self._raw(job)
         parsed = await parse_raw(self.settings, raw)
         checks = await self.checks.evaluate(job, raw)
-        # The bytes the copies need stored with them, by content address (hashed once).
+        # The bytes the copies need stored with them, each named once: the raw message by
+        # its job (metadata_svc hashes what it stores; a second sha256 here cost 60 us
+        # per 100 KB), attachments by the content address their listing shows.
         carried: list[tuple[str, bytes]] = []
         if job.blob_key:  # a large message: its bytes and attachments stream separately
             await store_attachments(self.metadata, parsed)
         else:
-            carried.append((hashlib.sha256(raw).hexdigest(), raw))
+            carried.append((f"raw of {job.queue_id}", raw))
             for attachment, data in iter_attachments(parsed):
                 attachment.blob_key = hashlib.sha256(data).hexdigest()
                 carried.append((attachment.blob_key, data))
