@@ -204,7 +204,7 @@ class FileBlobStore:
                 return False
         return True
 
-    def _rename_all(self, written: list[tuple[str, str]]) -> set[Path]:
+    def _rename_all(self, written: list[tuple[str, str]]) -> set[str]:
         """Moves temp files into place; returns the directories whose entries changed."""
         changed: set[str] = set()
         with self._lock:
@@ -226,10 +226,10 @@ class FileBlobStore:
                     changed.update(self._make_parent(parent))
                     os.rename(tmp_name, dest)
                 changed.add(parent)
-        return {Path(name) for name in changed}
+        return changed
 
     def _make_parent(self, parent: str) -> list[str]:
-        made = [os.fspath(p) for p in _makedirs(Path(parent))]
+        made = _makedirs(parent)
         self._made.add(parent)
         return made
 
@@ -281,7 +281,7 @@ def _fsync(fd: int) -> None:
         raise _storage_error(err) from err
 
 
-def _sync_files(root: Path, files: list[str], directories: Iterable[Path] = ()) -> None:
+def _sync_files(root: Path, files: list[str], directories: Iterable[str] = ()) -> None:
     """Makes ``files`` and ``directories`` durable: one syncfs(2) of the filesystem under
     ``root`` where Linux offers it (flushes every dirty page and inode there at once),
     else an fsync of each."""
@@ -325,18 +325,28 @@ def _discard(fd: int, name: str) -> None:
         os.unlink(name)
 
 
-def _makedirs(directory: Path) -> list[Path]:
-    """Creates ``directory`` and missing parents; returns the parents of new directories."""
-    missing: list[Path] = []
-    current = directory
-    while not current.exists():
-        missing.append(current)
-        current = current.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    return [path.parent for path in missing]
+def _makedirs(directory: str) -> list[str]:
+    """Creates ``directory`` and missing parents; returns the parents of the directories
+    it made (whose entries changed). A mkdir first: most calls make one new fan-out
+    directory under an existing one."""
+    try:
+        os.mkdir(directory)
+    except FileExistsError:
+        return []
+    except FileNotFoundError:
+        parent = os.path.dirname(directory) or "."
+        if parent == directory:
+            raise
+        made = _makedirs(parent)
+        try:
+            os.mkdir(directory)
+        except FileExistsError:  # made meanwhile by another put
+            return made
+        return [*made, parent]
+    return [os.path.dirname(directory) or "."]
 
 
-def _fsync_dir(directory: Path) -> None:
+def _fsync_dir(directory: str | Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

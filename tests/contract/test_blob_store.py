@@ -21,7 +21,7 @@ from mailgrid.errors import NotFound, StorageFull, Unavailable
 from mailgrid.natsd import free_port
 from mailgrid.settings import Settings
 from metadata_svc.backends import blob_store_for
-from metadata_svc.blobs_fs import FileBlobStore
+from metadata_svc.blobs_fs import FileBlobStore, _makedirs
 from metadata_svc.blobs_s3 import MIN_PART_SIZE, S3BlobStore, S3Location
 from metadata_svc.ports import BlobStore
 
@@ -177,6 +177,18 @@ class TestFileBlobStore(BlobStoreContract):
         for ref, data in zip(again, [b"first", b"second"], strict=True):
             assert blobs.path(ref.key).read_bytes() == data
         assert blobs.temp_files() == []
+
+    def test_made_directories_name_each_parent_whose_entries_changed(
+            self, tmp_path: Path) -> None:
+        # Without syncfs these are the directories fsynced to make a rename durable.
+        assert _makedirs(str(tmp_path / "ab" / "cd")) == [str(tmp_path),
+                                                          str(tmp_path / "ab")]
+        assert _makedirs(str(tmp_path / "ab" / "ce")) == [str(tmp_path / "ab")]
+        assert _makedirs(str(tmp_path / "ab" / "ce")) == []
+        assert (tmp_path / "ab" / "cd").is_dir() and (tmp_path / "ab" / "ce").is_dir()
+        (tmp_path / "a-file").write_bytes(b"")
+        with pytest.raises(NotADirectoryError):
+            _makedirs(str(tmp_path / "a-file" / "ab"))
 
     async def test_a_failed_put_leaves_no_temp_file(self, blobs: FileBlobStore) -> None:
         async def broken() -> AsyncIterator[bytes]:
