@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     # which return large buffers to the OS at once, so that the next message faults
     # its pages in again (mailgrid.memory).
     malloc_keep_bytes: int = Field(default=128 * MiB, ge=0)
-    # A service that was quiet for this many seconds returns the heap it kept to the OS
+    # A service quiet for this many seconds in a row returns the heap it kept to the OS
     # (0: never), so memory a burst of mail needed goes back soon after the burst.
     malloc_return_interval: float = Field(default=10.0, ge=0)
     # gRPC listener of the gateway (health and reflection only).
