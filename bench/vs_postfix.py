@@ -146,6 +146,17 @@ def ratios(summaries: Sequence[Summary], size: int) -> dict[str, float] | None:
             "peak_pss": _ratio(mg.peak_pss_mib, pf.peak_pss_mib)}
 
 
+def paired_rate_ratio(rounds: Sequence[Round], size: int) -> float:
+    """The median over round numbers of mailgrid's rate over Postfix's in the same
+    round: the two run minutes apart, so a drift of the machine's speed over the run
+    (often 20% or more on a shared VM) moves both sides of each ratio alike."""
+    def good(peer: str) -> list[Round | None]:
+        return [r if r.ok else None for r in rounds if (r.size, r.peer) == (size, peer)]
+
+    pairs = zip(good("mailgrid"), good("postfix"), strict=False)
+    return median([mg.rate / pf.rate for mg, pf in pairs if mg and pf and pf.rate])
+
+
 def _ratio(a: float, b: float) -> float:
     """a/b; NaN when either is missing (NaN) or b is zero."""
     return a / b if b and b == b and a == a else float("nan")
@@ -426,6 +437,12 @@ def side_by_side(tmp: Path, args: argparse.Namespace, env: dict[str, str]) -> di
     out["rounds_detail"] = [r.as_json() for r in rounds]
     out["summary"] = [asdict(s) for s in summaries]
     out["ratios"] = {_size(size): ratios(summaries, size) for size, _ in PLAN}
+    for size, _ in PLAN:
+        paired = paired_rate_ratio(rounds, size)
+        print(f"{_size(size):>7}  mailgrid/postfix msgs/s, median of round-by-round ratios: "
+              f"{_x(paired)}", flush=True)
+        if out["ratios"][_size(size)] is not None:
+            out["ratios"][_size(size)]["rate_paired"] = paired
     return out
 
 

@@ -31,6 +31,9 @@ def results_table(report: dict[str, Any]) -> str:
             rows.append(f"| {label} | | **mailgrid/Postfix** | **{_x(r['rate'])}** | "
                         f"{_x(r['cpu_ms_per_message'])} | {_x(r['peak_rss'])} | "
                         f"{_x(r['peak_pss'])} | |")
+            if "rate_paired" in r:
+                rows.append(f"| {label} | | mailgrid/Postfix, median of round-by-round "
+                            f"ratios | {_x(r['rate_paired'])} | | | | |")
     return "\n".join(rows)
 
 

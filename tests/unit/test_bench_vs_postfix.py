@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.postfix import main_cf, master_cf
 from bench.procs import TreeMeter
 from bench.vs_postfix import (
@@ -15,6 +17,7 @@ from bench.vs_postfix import (
     command_name,
     format_table,
     jsonable,
+    paired_rate_ratio,
     poll_delay,
     ratios,
     smtp_source_command,
@@ -114,6 +117,19 @@ def test_summary_takes_medians_of_good_rounds_and_ratios_mailgrid_over_postfix()
     assert "mailgrid/postfix" in format_table(summaries)
 
 
+def test_paired_ratio_compares_each_round_with_the_postfix_round_beside_it() -> None:
+    # The machine slows down by half over the run; within each round mailgrid takes
+    # 1/0.8 of Postfix's time.
+    rounds: list[Round] = []
+    for seconds in (1.0, 1.5, 2.0):
+        rounds += [_round("postfix", 4096, seconds, 1.0),
+                   _round("mailgrid", 4096, seconds / 0.8, 1.0)]
+    rounds.append(_round("postfix", 102400, 1.0, 1.0))
+    rounds.append(_round("mailgrid", 102400, 1.0, 1.0, error="smtp-source exited 1"))
+    assert paired_rate_ratio(rounds, 4096) == pytest.approx(0.8)
+    assert math.isnan(paired_rate_ratio(rounds, 102400))  # no good pair
+
+
 def test_a_peer_whose_every_round_failed_has_no_numbers() -> None:
     rounds = [_round("postfix", 4096, 2.0, 2.0),
               _round("mailgrid", 4096, 1.0, 1.0, error="delivered 10 of 1000 messages")]
@@ -148,8 +164,10 @@ def test_markdown_of_a_report_shows_the_ratio_and_failed_rounds_verbatim() -> No
     report = jsonable({"summary": [asdict(s) for s in summaries],
                        "ratios": {"4 KB": ratios(summaries, 4096)},
                        "rounds_detail": [r.as_json() for r in rounds]})
+    report["ratios"]["4 KB"]["rate_paired"] = 0.5
     text = markdown(report)
     assert "| 4 KB | | **mailgrid/Postfix** | **0.50x** | 2.00x |" in text
+    assert "| 4 KB | | mailgrid/Postfix, median of round-by-round ratios | 0.50x |" in text
     assert "FAILED: `smtp-source exited 1: fatal: 421`" in text
 
 
