@@ -7,11 +7,13 @@ methods, ``dir`` of both for ``handle_*`` hooks and ``smtp_*`` commands,
 more than the rest of a small message's session. ``QuickSetupSMTP`` still runs
 aiosmtpd's ``__init__`` (every attribute it sets stays its business) but:
 
-- while it runs, ``dir(self)`` lists only the ``auth_*`` and ``smtp_*`` names of the
-  class, computed once per class, so both scans of ``self`` touch only those;
+- while it runs, ``dir(self)`` lists only the ``auth_*`` names of the class, computed
+  once per class, so its ``inspect.getmembers`` of ``self`` binds only those; the
+  ``smtp_*`` command table is built afterwards from the names also found once per class;
 - it is given a stand-in handler with nothing on it, and the handler's part is done
-  afterwards as aiosmtpd does it, with one ``dir(handler)`` (so hooks set on the handler
-  object are seen as before) and the EHLO hook's signature looked at once per function.
+  afterwards as aiosmtpd does it, from the names ``dir(handler)`` would list, found once
+  per handler class and set of instance attributes (so hooks set on the handler object
+  are seen as before), and the EHLO hook's signature looked at once per function.
 
 tests/unit/test_gateway_smtp_setup.py builds each protocol class both ways and asserts
 the same instance attributes, so an aiosmtpd whose ``__init__`` changes fails there
@@ -43,15 +45,34 @@ _NO_HOOKS = _NoHooks()
 
 
 @functools.cache
-def _protocol_names(cls: type) -> tuple[str, ...]:
-    """The names aiosmtpd's ``__init__`` would pick out of ``dir(obj)`` for a ``cls``."""
-    return tuple(n for n in dir(cls) if n.startswith(_PROTOCOL_PREFIXES))
+def _protocol_names(cls: type, prefix: str) -> tuple[str, ...]:
+    """The names with ``prefix`` aiosmtpd's ``__init__`` would pick out of ``dir(obj)``
+    for an object of class ``cls``."""
+    return tuple(n for n in dir(cls) if n.startswith(prefix))
 
 
 @functools.cache
 def _ehlo_params(func: Any, bound: bool) -> int:
     """How many parameters aiosmtpd's ``inspect.signature`` sees on a handle_EHLO."""
     return len(inspect.signature(func).parameters) - (1 if bound else 0)
+
+
+@functools.cache
+def _hook_names(cls: type, own: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The ``auth_*`` and the ``handle_*`` names of ``dir(handler)`` for a handler of
+    class ``cls`` whose instance attributes are ``own``."""
+    names = sorted({*dir(cls), *own})
+    return (tuple(n for n in names if n.startswith("auth_")),
+            tuple(n for n in names if n.startswith("handle_")))
+
+
+def _handler_names(handler: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    cls: Any = type(handler)
+    if cls.__dir__ is not object.__dir__:  # a dir() of its own: ask it every time
+        names = dir(handler)
+        return (tuple(n for n in names if n.startswith("auth_")),
+                tuple(n for n in names if n.startswith("handle_")))
+    return _hook_names(cls, tuple(getattr(handler, "__dict__", ())))
 
 
 def ehlo_hook_version(hook: Any) -> str:
@@ -84,13 +105,17 @@ class QuickSetupSMTP(SMTP):
         if not self.quick_setup:
             super().__init__(handler, **options)
             return
-        own = [n for n in vars(self) if n.startswith(_PROTOCOL_PREFIXES)]
         cls: type = type(self)
-        self.__dict__["_quick_dir"] = [*_protocol_names(cls), *own]
+        own = [n for n in vars(self) if n.startswith(_PROTOCOL_PREFIXES)]
+        self.__dict__["_quick_dir"] = [*_protocol_names(cls, "auth_"),
+                                       *(n for n in own if n.startswith("auth_"))]
         try:
             super().__init__(_NO_HOOKS, **options)
         finally:
             del self.__dict__["_quick_dir"]
+        commands = sorted([*_protocol_names(cls, "smtp_"),
+                           *(n for n in own if n.startswith("smtp_"))])
+        self._smtp_methods = {n.replace("smtp_", ""): getattr(self, n) for n in commands}
         self.event_handler = handler
         self._add_handler(handler, options.get("auth_exclude_mechanism"))
 
@@ -100,19 +125,18 @@ class QuickSetupSMTP(SMTP):
 
     def _add_handler(self, handler: Any, exclude: Iterable[str] | None) -> None:
         """What aiosmtpd's ``__init__`` takes from the handler, done as it does it."""
-        names = dir(handler)
+        auth_names, hook_names = _handler_names(handler)
         # A handler's AUTH mechanism replaces a built-in one of the same name.
-        for name in names:
-            if name.startswith("auth_"):
-                try:
-                    method = getattr(handler, name)
-                except AttributeError:  # as inspect.getmembers skips it
-                    continue
-                self._auth_methods[_mechanism(name, method)] = _AuthMechAttr(
-                    method, handler is self)
+        for name in auth_names:
+            try:
+                method = getattr(handler, name)
+            except AttributeError:  # as inspect.getmembers skips it
+                continue
+            self._auth_methods[_mechanism(name, method)] = _AuthMechAttr(
+                method, handler is self)
         for mechanism in exclude or ():
             self._auth_methods.pop(mechanism, None)
         self._handle_hooks = {n.replace("handle_", ""): getattr(handler, n)
-                              for n in names if n.startswith("handle_")}
+                              for n in hook_names}
         ehlo_hook = self._handle_hooks.get("EHLO")
         self._ehlo_hook_ver = None if ehlo_hook is None else ehlo_hook_version(ehlo_hook)
