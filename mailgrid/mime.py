@@ -59,6 +59,7 @@ _SIMPLE_MAILBOX = re.compile(
     rf"(?:({_ATOM}(?: {_ATOM})*) )?<({_DOT_ATOM}@{_DOT_ATOM})>|({_DOT_ATOM}@{_DOT_ATOM})")
 _MSG_ID = re.compile(r"<([^<>\s]+)>")
 _SPACE = re.compile(r"\s+")
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
 # A boundary parameter (RFC 2046 5.1.1), quoted or not.
 _DASH_LINE = re.compile(rb"^--([^\r\n]*)", re.MULTILINE)
 _BOUNDARY_PARAM = re.compile(rb'boundary\s*=\s*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))')
@@ -125,9 +126,13 @@ def make_preview(text: str, limit: int = PREVIEW_CHARS) -> str:
     """The first ``limit`` characters of ``text`` with whitespace collapsed."""
     # split() and the regex \s agree on what whitespace is (Py_UNICODE_ISSPACE); split
     # runs at C speed where the regex steps through every character.
-    collapsed = " ".join(text[: limit * 20].split())
+    # A short window first: its collapse is a prefix of the longer one's (a word cut at
+    # its end is a prefix of that word), so once it is over the limit it decides alone.
+    collapsed = " ".join(text[: limit * 2].split())
     if len(collapsed) <= limit:
-        return collapsed
+        collapsed = " ".join(text[: limit * 20].split())
+        if len(collapsed) <= limit:
+            return collapsed
     return collapsed[: limit - 1].rstrip() + "…"
 
 
@@ -479,7 +484,9 @@ def _clean(text: str) -> str:
 
 def _unfold(value: str) -> str:
     # RFC 5322 2.2.3: unfolding removes the CRLF before folding whitespace.
-    return re.sub(r"\r?\n(?=[ \t])", "", value).strip()
+    if "\n" not in value:  # most fields are one line
+        return value.strip()
+    return _FOLD.sub("", value).strip()
 
 
 def _title(name: str) -> str:

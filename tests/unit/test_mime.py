@@ -102,13 +102,27 @@ def test_preview_is_about_200_characters_of_collapsed_whitespace() -> None:
 _WHITESPACE = [chr(c) for c in range(0x3001) if chr(c).isspace()]
 
 
+def _regex_preview(text: str) -> str:
+    expected = re.sub(r"\s+", " ", text[:4000]).strip()
+    return expected if len(expected) <= 200 else expected[:199].rstrip() + "…"
+
+
+@pytest.mark.parametrize("text", [
+    "x" * 399 + " " + "y" * 50,          # a word across the end of the first window
+    " " * 390 + "short",                 # whitespace first: the longer window decides
+    "\n" * 500 + "word " * 100,
+    "w " * 100,                          # collapses to exactly 199 characters
+    "w " * 101,
+    "ab" * 300,                          # one word longer than both windows' start
+])
+def test_preview_windows_agree_with_the_regex_at_their_edges(text: str) -> None:
+    assert make_preview(text) == _regex_preview(text)
+
+
 @given(st.lists(st.one_of(st.text(max_size=30), st.sampled_from(_WHITESPACE)), max_size=80))
 @settings(max_examples=300, deadline=None)
 def test_preview_collapses_whitespace_exactly_as_the_regex_did(pieces: list[str]) -> None:
-    text = "".join(pieces)
-    expected = re.sub(r"\s+", " ", text[:4000]).strip()
-    expected = expected if len(expected) <= 200 else expected[:199].rstrip() + "…"
-    assert make_preview(text) == expected
+    assert make_preview("".join(pieces)) == _regex_preview("".join(pieces))
 
 
 def test_html_to_text_skips_scripts_and_styles() -> None:
