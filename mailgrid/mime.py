@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.generator import BytesGenerator
-from email.message import Message
+from email.message import EmailMessage, Message
 from email.parser import BytesHeaderParser, BytesParser
 from pathlib import Path
 
@@ -549,9 +549,9 @@ def single_part(raw: bytes) -> Message | None:
 
     Plain: CRLF lines, a header block of well-formed fields ended by an empty line, and a
     Content-Type that is not multipart/* or message/*. The feed parser then keeps the
-    body as the payload, character for character, and finds no defect in it; the
-    headers are parsed by the same parser either way (tests/unit/test_mime.py compares
-    the two on the whole corpus).
+    body as the payload, character for character, and finds no defect in it, and each
+    field's lines go to the policy as ``_header_fields`` hands them over
+    (tests/unit/test_mime.py compares the two on the whole corpus).
     """
     end = raw.find(b"\r\n\r\n")
     if end < 0 or b"\n\n" in raw[:end + 2]:
@@ -559,7 +559,10 @@ def single_part(raw: bytes) -> Message | None:
     head = raw[:end + 2]
     if not _HEADER_BLOCK.fullmatch(head):
         return None
-    msg = BytesHeaderParser(policy=email.policy.default).parsebytes(head + b"\r\n")
+    policy = email.policy.default
+    msg = EmailMessage(policy=policy)  # what policy.default makes its parsers build
+    for lines in _header_fields(head.decode("ascii", "surrogateescape")):
+        msg.set_raw(*policy.header_source_parse(lines))
     try:
         if msg.get_content_maintype() in ("multipart", "message"):
             return None
@@ -567,6 +570,19 @@ def single_part(raw: bytes) -> Message | None:
         return None
     msg.set_payload(raw[end + 4:].decode("ascii", "surrogateescape"))
     return msg
+
+
+def _header_fields(head: str) -> Iterator[list[str]]:
+    """The lines (each with its CRLF) of each field of a header block that matches
+    _HEADER_BLOCK: what the feed parser's _parse_headers hands the policy for it."""
+    field: list[str] = []
+    for line in head.split("\r\n")[:-1]:
+        if line[0] not in " \t" and field:
+            yield field
+            field = []
+        field.append(line + "\r\n")
+    if field:
+        yield field
 
 
 def _delimiter_starts(raw: bytes, max_parts: int) -> Iterator[int]:

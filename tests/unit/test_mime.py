@@ -493,3 +493,30 @@ def test_single_part_fast_path_parses_every_corpus_message_as_the_feed_parser(
         assert fast.message == slow.message
         assert fast.attachment_data == slow.attachment_data
     assert taken > 20
+
+
+_FIELD_NAMES = st.sampled_from(["Subject", "From", "To", "Date", "X-Odd", "content-type",
+                                "Received", "Message-ID", "Comments"])
+_VALUE_BYTES = st.binary(max_size=40).map(
+    lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+
+
+@given(st.lists(st.tuples(_FIELD_NAMES, st.lists(_VALUE_BYTES, min_size=1, max_size=3)),
+                min_size=1, max_size=8))
+@settings(max_examples=300, deadline=None)
+def test_single_part_headers_are_what_the_header_parser_makes(
+        fields: list[tuple[str, list[bytes]]]) -> None:
+    # Any well-formed block, folded or not, 8-bit bytes included.
+    import email.policy
+    from email.parser import BytesHeaderParser
+
+    import mailgrid.mime as mime
+
+    head = b"".join(name.encode() + b":" + b"\r\n\t".join(values) + b"\r\n"
+                    for name, values in fields)
+    fast = mime.single_part(head + b"\r\nbody\r\n")
+    if fast is None:  # a multipart/* or message/* Content-Type, or one that cannot parse
+        return
+    slow = BytesHeaderParser(policy=email.policy.default).parsebytes(head + b"\r\n")
+    assert list(fast.raw_items()) == list(slow.raw_items())
+    assert fast.defects == slow.defects and fast.get_unixfrom() == slow.get_unixfrom()
