@@ -32,6 +32,28 @@ def faults_per_round():
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+# RSS after a round with the heap kept, after `busy` seconds of work with the returner
+# running, and after `quiet` seconds more.
+def kept_during_and_after(interval, busy, quiet):
+    import asyncio, contextlib, time
+    from mailgrid.memory import keep_freed_memory, return_freed_memory
+    keep_freed_memory(128 * 1024 * 1024)
+    faults_per_round()
+    kept = rss()
+    async def spells():
+        task = asyncio.create_task(return_freed_memory(interval))
+        end = time.monotonic() + busy
+        while time.monotonic() < end:  # a burst: the loop computes, yielding often
+            sum(range(20000))
+            await asyncio.sleep(0)
+        during = rss()
+        await asyncio.sleep(quiet)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return during
+    during = asyncio.run(spells())
+    return {"kept": kept, "during": during, "after": rss()}
 """
 
 
@@ -69,46 +91,12 @@ def test_nothing_is_kept_when_the_setting_is_zero() -> None:
 
 
 def test_the_kept_heap_goes_back_to_the_os_after_the_interval() -> None:
-    result = run("""
-        import asyncio, contextlib
-        from mailgrid.memory import keep_freed_memory, return_freed_memory
-        keep_freed_memory(128 * 1024 * 1024)
-        faults_per_round()
-        kept = rss()
-        async def wait_for_one_return():
-            task = asyncio.create_task(return_freed_memory(0.05))
-            await asyncio.sleep(0.5)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        asyncio.run(wait_for_one_return())
-        print(json.dumps({'kept': kept, 'after': rss()}))
-    """)
+    result = run("print(json.dumps(kept_during_and_after(0.05, busy=0, quiet=0.5)))")
     # A round holds 2 x 6 MB plus the parts: most of it was kept, then returned.
     assert result["kept"] - result["after"] > 8 * 1024 * 1024
 
 
 def test_a_busy_process_keeps_its_heap_until_it_is_quiet() -> None:
-    result = run("""
-        import asyncio, contextlib, time
-        from mailgrid.memory import keep_freed_memory, return_freed_memory
-        keep_freed_memory(128 * 1024 * 1024)
-        faults_per_round()
-        kept = rss()
-        async def busy_then_quiet():
-            task = asyncio.create_task(return_freed_memory(0.1))
-            end = time.monotonic() + 0.5
-            while time.monotonic() < end:  # a burst: the loop computes, yielding often
-                sum(range(20000))
-                await asyncio.sleep(0)
-            during = rss()
-            await asyncio.sleep(0.4)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            return during
-        during = asyncio.run(busy_then_quiet())
-        print(json.dumps({'kept': kept, 'during': during, 'after': rss()}))
-    """)
+    result = run("print(json.dumps(kept_during_and_after(0.1, busy=0.5, quiet=0.4)))")
     assert result["kept"] - result["during"] < 2 * 1024 * 1024
     assert result["kept"] - result["after"] > 8 * 1024 * 1024
