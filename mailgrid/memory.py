@@ -5,7 +5,7 @@ batches of messages are joined into payloads of megabytes. With glibc's defaults
 buffer that size is mapped for itself (mmap) or trimmed off the top of the heap as soon
 as it is freed, so the next message faults each of its pages in again and the kernel
 zeroes every one: about 3 µs a page on the benchmark machine, some 280 faults per 100 KB
-message across the services, a sixth of all their CPU (docs/PERFORMANCE.md).
+message across the services, about a seventh of all their CPU (docs/PERFORMANCE.md).
 
 ``keep_freed_memory`` makes a service keep up to ``keep_bytes`` of freed heap for reuse
 instead, and ``return_freed_memory`` hands what it kept back to the OS (malloc_trim)
@@ -27,11 +27,8 @@ import asyncio
 import ctypes
 import ctypes.util
 import functools
-import logging
 import sys
 import time
-
-log = logging.getLogger(__name__)
 
 # mallopt(3) parameter numbers (malloc.h).
 M_TRIM_THRESHOLD = -1
