@@ -94,6 +94,7 @@ class InboundPublisher:
             with contextlib.suppress(Exception):
                 await flusher
 
+
 def batch_payload(jobs: list[bytes]) -> bytes:
     """The InboundBatch of serialized jobs, joined on the wire without decoding the
     jobs into messages again (see mailgrid.wire)."""

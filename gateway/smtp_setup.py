@@ -57,21 +57,24 @@ def _ehlo_params(func: Any, bound: bool) -> int:
     return len(inspect.signature(func).parameters) - (1 if bound else 0)
 
 
+def _auth_and_hooks(names: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The ``auth_*`` and the ``handle_*`` names among ``names``, in their order."""
+    listed = list(names)
+    return (tuple(n for n in listed if n.startswith("auth_")),
+            tuple(n for n in listed if n.startswith("handle_")))
+
+
 @functools.cache
 def _hook_names(cls: type, own: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The ``auth_*`` and the ``handle_*`` names of ``dir(handler)`` for a handler of
-    class ``cls`` whose instance attributes are ``own``."""
-    names = sorted({*dir(cls), *own})
-    return (tuple(n for n in names if n.startswith("auth_")),
-            tuple(n for n in names if n.startswith("handle_")))
+    """``_auth_and_hooks`` of ``dir(handler)`` for a handler of class ``cls`` whose
+    instance attributes are ``own``."""
+    return _auth_and_hooks(sorted({*dir(cls), *own}))
 
 
 def _handler_names(handler: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
     cls: Any = type(handler)
     if cls.__dir__ is not object.__dir__:  # a dir() of its own: ask it every time
-        names = dir(handler)
-        return (tuple(n for n in names if n.startswith("auth_")),
-                tuple(n for n in names if n.startswith("handle_")))
+        return _auth_and_hooks(dir(handler))
     return _hook_names(cls, tuple(getattr(handler, "__dict__", ())))
 
 

@@ -122,6 +122,22 @@ async def test_a_handlers_auth_mechanisms_and_instance_hooks_are_found(
     assert new._handle_hooks["NOOP"] is handle_NOOP
 
 
+class ListedHandler(RichHandler):
+    """A handler whose hooks are only what its own ``dir()`` lists."""
+
+    def __dir__(self) -> list[str]:
+        return ["handle_DATA", "auth_PLAIN"]
+
+
+async def test_a_handler_with_a_dir_of_its_own_is_asked_on_every_connection(
+        settings: Settings) -> None:
+    handler = ListedHandler()
+    new = mx(MxSMTP, handler, settings)
+    assert_same_attributes(mx(OldMx, handler, settings), new)
+    assert list(new._handle_hooks) == ["DATA"]
+    assert new._auth_methods["PLAIN"].is_builtin is False
+
+
 async def test_excluded_auth_mechanisms_stay_excluded(settings: Settings) -> None:
     handler = RichHandler()
     options = {"auth_exclude_mechanism": ["PLAIN", "FANCY"]}
