@@ -28,6 +28,7 @@ from mailgrid.natsd import NatsServer
 from mailgrid.settings import Settings
 from mailgrid.v1 import common_pb2, events_pb2, metadata_pb2, metadata_pb2_grpc
 from metadata_svc.app import MetadataApp
+from metadata_svc.ports import OutboxEvent
 
 MiB = 1024 * 1024
 
@@ -397,6 +398,79 @@ async def test_events_wait_in_the_outbox_until_a_nats_is_configured(
         assert event.message_added.message.email_id == email_id
     finally:
         await with_nats.stop()
+
+
+async def stored_events(nats_url: str) -> list[tuple[events_pb2.MailEvent, dict[str, str]]]:
+    """Every message of the EVENTS stream with its headers, in stream order."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info("EVENTS")
+        found = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            msg = await js.get_msg("EVENTS", seq)
+            found.append((events_pb2.MailEvent.FromString(msg.data), dict(msg.headers or {})))
+        return found
+    finally:
+        await nc.close()
+
+
+async def outbox_of_three(settings: Settings) -> tuple[common_pb2.User, list[OutboxEvent]]:
+    """Three deliveries filed with no NATS configured: their events wait in the outbox."""
+    without = MetadataApp(settings)
+    await without.start()
+    try:
+        async with MetadataClient(without.grpc_addr) as client:
+            user = await client.create_user("carol@example.test", "pw")
+            for key in ("d1", "d2", "d3"):
+                await deliver(client, user, key)
+        return user, await without.store.pending_events()
+    finally:
+        await without.stop()
+
+
+async def publish_outbox(settings: Settings, nats_url: str) -> None:
+    """Runs metadata_svc with NATS until its outbox is empty."""
+    app = MetadataApp(settings.model_copy(update={"nats_url": nats_url}))
+    await app.start()
+    try:
+        for _ in range(600):  # a wait of up to 30 s, not a timing check
+            if not await app.store.pending_events():
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the outbox did not empty")
+    finally:
+        await app.stop()
+
+
+async def test_events_waiting_together_are_stored_as_one_atomic_batch(
+        settings: Settings, nats_url: str) -> None:
+    user, pending = await outbox_of_three(settings)
+    await publish_outbox(settings, nats_url)
+    found = await stored_events(nats_url)
+    assert [headers["Nats-Msg-Id"] for _, headers in found] == [e.event_id for e in pending]
+    assert [event.user_id for event, _ in found] == [user.user_id] * 3
+    assert len({headers.get(bus.BATCH_ID) for _, headers in found}) == 1
+    assert found[-1][1][bus.BATCH_COMMIT] == "1"
+
+
+async def test_events_stored_before_their_batch_are_stored_once(
+        settings: Settings, nats_url: str) -> None:
+    """An earlier try stored some of them but its ack was lost: the stream refuses the
+    batch as a whole, and the outbox falls back to one by one, repeats dropped."""
+    user, pending = await outbox_of_three(settings)
+    nc = await nats.connect(nats_url)
+    try:
+        for event in pending[:2]:
+            await bus.publish(nc.jetstream(), bus.events_subject(user.user_id), event.payload,
+                              msg_id=event.event_id)
+    finally:
+        await nc.close()
+    await publish_outbox(settings, nats_url)
+    found = await stored_events(nats_url)
+    assert [headers["Nats-Msg-Id"] for _, headers in found] == [e.event_id for e in pending]
+    assert [event.SerializeToString() for event, _ in found] == [e.payload for e in pending]
 
 
 # --- blob GC ---------------------------------------------------------------------------
