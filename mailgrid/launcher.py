@@ -367,7 +367,8 @@ class Launcher:
 
     async def _start_nats(self) -> str:
         self.nats = NatsServer(store_dir=self.settings.nats_dir,
-                               preexec_fn=die_with_parent(own_group=True))
+                               preexec_fn=die_with_parent(own_group=True),
+                               memory_limit=self.settings.nats_memory_limit)
         try:
             url = await self.nats.start()
         except MailgridError as err:

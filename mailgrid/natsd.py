@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import subprocess
@@ -54,6 +55,9 @@ class NatsServer:
     port: int = 0
     # Run in the child before exec (the launcher uses it so nats-server dies with it).
     preexec_fn: Callable[[], None] | None = None
+    # GOMEMLIMIT in bytes (0: none). A soft limit: past it, Go collects garbage sooner and
+    # returns freed memory to the OS; nothing is refused.
+    memory_limit: int = 0
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -70,11 +74,17 @@ class NatsServer:
         self.process = subprocess.Popen(
             [nats_server_binary(), "-c", str(conf)],
             stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=self.preexec_fn,
+            preexec_fn=self.preexec_fn, env=self._env(),
         )
         log_file.close()
         await self._wait_listening(timeout)
         return self.url
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.memory_limit:
+            env["GOMEMLIMIT"] = f"{self.memory_limit}B"
+        return env
 
     async def _wait_listening(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     nats_url: str = ""
     # Replicas of each JetStream stream (3 on a 3-node cluster; never lowered once set).
     nats_replicas: int = 1
+    # Soft memory limit (Go's GOMEMLIMIT) of the nats-server `mailgrid up` starts, in
+    # bytes; 0: Go's default, under which its heap grows round after round of a burst.
+    nats_memory_limit: int = Field(default=192 * MiB, ge=0)
     # gRPC listener of metadata_svc; port 0 picks a free one (the launcher passes it on).
     metadata_addr: str = "127.0.0.1:0"
     # gRPC listener of delivery_svc.

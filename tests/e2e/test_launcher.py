@@ -14,10 +14,12 @@ import sys
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from mailgrid import services
 from mailgrid.launcher import SERVICES, endpoints_path, token_secret_path
+from mailgrid.settings import Settings
 from tests.e2e.conftest import (
     ROOT,
     SERVING,
@@ -97,6 +99,14 @@ def test_search_indexes_at_a_lower_cpu_priority_than_the_mail_flow(
     base = os.getpriority(os.PRIO_PROCESS, 0)
     assert niceness["search"] == min(base + 10, 19)
     assert all(niceness[name] == base for name in SERVICES if name != "search")
+
+
+def test_the_embedded_nats_server_runs_under_the_memory_limit(shared_suite: Suite) -> None:
+    (nats_server,) = [child for child in psutil.Process(shared_suite.process.pid).children()
+                      if "nats-server" in child.name()]
+    limit = Settings().nats_memory_limit
+    assert limit > 0
+    assert nats_server.environ()["GOMEMLIMIT"] == f"{limit}B"
 
 
 def test_a_killed_child_is_restarted_on_the_same_address(suite: Suite) -> None:

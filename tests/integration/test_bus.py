@@ -1,14 +1,19 @@
-"""The bus's atomic batches against a real nats-server (JetStream, every write synced)."""
+"""The bus against a real nats-server: atomic batches (JetStream, every write synced) and
+the server's own limits."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import nats
+import psutil
 import pytest
 from nats.aio.client import Client as NATS
 
 from mailgrid import bus
+from mailgrid.natsd import NatsServer
 
 
 @pytest.fixture
@@ -57,3 +62,18 @@ async def test_only_events_takes_atomic_batches(nc: NATS) -> None:
     js = nc.jetstream()
     assert await bus.accepts_atomic(js, "EVENTS")
     assert not await bus.accepts_atomic(js, "INBOUND")
+
+
+async def test_nats_server_runs_under_the_memory_limit_it_is_given(tmp_path: Path) -> None:
+    limited = NatsServer(store_dir=tmp_path / "limited", memory_limit=64 * 1024 * 1024)
+    unlimited = NatsServer(store_dir=tmp_path / "unlimited")
+    try:
+        await limited.start()
+        await unlimited.start()
+        assert limited.process is not None and unlimited.process is not None
+        assert psutil.Process(limited.process.pid).environ()["GOMEMLIMIT"] == "67108864B"
+        assert (psutil.Process(unlimited.process.pid).environ().get("GOMEMLIMIT")
+                == os.environ.get("GOMEMLIMIT"))
+    finally:
+        limited.stop()
+        unlimited.stop()
