@@ -17,7 +17,7 @@ import pytest
 from mailgrid import ids
 from mailgrid.errors import InvalidArgument
 from mailgrid.v1 import common_pb2
-from search_svc import query
+from search_svc import index_tantivy, query
 from search_svc.index_meili import MeiliIndex, parse_url
 from search_svc.index_tantivy import TantivyIndex
 from search_svc.ports import (
@@ -437,6 +437,44 @@ class TestTantivyIndex(SearchIndexContract):
             assert await found(second, "durable") == email_ids(m)
         finally:
             await second.close()
+
+
+    async def test_commits_leave_no_deleted_document_in_older_segments(
+            self, tmp_path: Path) -> None:
+        """Each commit adds its applied-sequence document without deleting the previous
+        one: a segment without deletes is merged by copying its stored blocks, not by
+        decompressing and compressing them again."""
+        index = await TantivyIndex.open(tmp_path / "segments")
+        try:
+            for seq in (1, 2, 3):
+                await add(index, message(body=f"batch {seq}"), seq=seq)
+            assert await index.applied_seq() == 3
+            assert (await index.status()).documents == 3
+        finally:
+            await index.close()
+        assert not list((tmp_path / "segments").glob("*.del"))
+
+    async def test_the_highest_sequence_counts_across_prunings_and_reopens(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(index_tantivy, "META_PRUNE", 3)
+        path = tmp_path / "pruned"
+        index = await TantivyIndex.open(path)
+        messages = [message(body=f"note {n}") for n in range(7)]
+        try:
+            for seq, m in enumerate(messages, start=10):
+                await add(index, m, seq=seq)
+                await index.apply([], seq - 5)  # a replayed, older sequence never counts
+        finally:
+            await index.close()
+        assert list(path.glob("*.del"))  # pruned: the old ones were deleted
+        again = await TantivyIndex.open(path)
+        try:
+            assert await again.applied_seq() == 16
+            status = await again.status()
+            assert (status.applied_seq, status.documents) == (16, 7)
+            assert await found(again, "note") == email_ids(*messages)
+        finally:
+            await again.close()
 
 
 class TestMeiliIndex(SearchIndexContract):
