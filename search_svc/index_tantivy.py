@@ -202,11 +202,14 @@ class TantivyIndex:
         """The applied sequence (the highest of the documents holding one) and how many
         such documents there are."""
         searcher = self._index.searcher()
-        query = Query.term_query(self.schema, "doc_id", META_ID)
+        query = self._meta_query()
         count = _count(searcher.search(query, 1, count=True))
-        hits = searcher.search(query, max(count, 1)).hits if count else []
+        hits = searcher.search(query, count).hits if count else []
         values = [searcher.doc(address).get_first("applied_seq") for _, address in hits]
         return max((int(value or 0) for value in values), default=0), count
+
+    def _meta_query(self) -> Query:
+        return Query.term_query(self.schema, "doc_id", META_ID)
 
     async def get(self, user_id: str, email_id: str) -> IndexedMessage | None:
         return await asyncio.to_thread(self._get, _doc_id(user_id, email_id))
@@ -317,8 +320,7 @@ class TantivyIndex:
     async def status(self) -> IndexStatus:
         def count() -> int:
             searcher = self._index.searcher()
-            meta = _count(searcher.search(Query.term_query(self.schema, "doc_id", META_ID), 1,
-                                          count=True))
+            meta = _count(searcher.search(self._meta_query(), 1, count=True))
             return max(0, int(searcher.num_docs) - meta)
 
         documents = await asyncio.to_thread(count)
