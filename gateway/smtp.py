@@ -28,6 +28,7 @@ from gateway.inbound_publisher import InboundPublisher
 from gateway.smtp_addr import FastAddrSMTP
 from gateway.smtp_data import ChunkedDataSMTP
 from gateway.smtp_setup import QuickSetupSMTP
+from gateway.smtp_timeout import LazyTimeoutSMTP
 from mailgrid.clients import MetadataClient
 from mailgrid.errors import MailgridError, NotFound, Unavailable
 from mailgrid.grpcutil import CHUNK_SIZE
@@ -122,12 +123,13 @@ class MxSession(Session):
     rdns: str | None = None
 
 
-class MxSMTP(QuickSetupSMTP, ChunkedDataSMTP, FastAddrSMTP):
+class MxSMTP(QuickSetupSMTP, LazyTimeoutSMTP, ChunkedDataSMTP, FastAddrSMTP):
     """aiosmtpd's protocol with enhanced status codes and mailgrid's limits.
 
-    Cheap to set up per connection (gateway.smtp_setup), reading DATA in large pieces
-    with aiosmtpd's exact end-of-data rules (gateway.smtp_data), and plain MAIL/RCPT
-    paths without the email header parser (gateway.smtp_addr).
+    Cheap to set up per connection (gateway.smtp_setup), with one idle timer per session
+    (gateway.smtp_timeout), reading DATA in large pieces with aiosmtpd's exact end-of-data
+    rules (gateway.smtp_data), and plain MAIL/RCPT paths without the email header parser
+    (gateway.smtp_addr).
     """
 
     def __init__(self, handler: MxHandler, settings: Settings,

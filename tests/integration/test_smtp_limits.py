@@ -120,6 +120,36 @@ async def test_an_idle_client_gets_421_4_4_2_and_is_closed(hasty_gateway: Gatewa
     await assert_closed(client)
 
 
+async def test_a_client_busy_past_the_idle_timeout_is_served_then_timed_out_when_quiet(
+        hasty_gateway: GatewayApp) -> None:
+    """Each command moves the idle deadline on (gateway.smtp_timeout keeps one timer per
+    session, which finds the deadline moved when it fires and waits again)."""
+    client = await connect(hasty_gateway.smtp_addr)
+    (session,) = hasty_gateway._smtp.sessions
+    timer = session._timeout_handle
+    for _ in range(6):  # 1.2 s in all, more than twice the half-second idle timeout
+        await asyncio.sleep(0.2)
+        assert await client.cmd("NOOP") == S250_OK
+    assert session._timeout_handle is not timer  # the first timer fired and re-armed
+    assert await client.reply() == S421_TIMEOUT
+    await assert_closed(client)
+
+
+async def test_commands_move_the_idle_deadline_without_a_new_timer(
+        gateway: GatewayApp) -> None:
+    client = await connect(gateway.smtp_addr)
+    (session,) = gateway._smtp.sessions
+    timer = session._timeout_handle
+    deadline = session._deadline
+    assert await client.cmd("EHLO client.example.net") == R(250, "HELP")
+    for _ in range(5):
+        assert await client.cmd("NOOP") == S250_OK
+    assert session._timeout_handle is timer
+    assert not timer.cancelled()
+    assert session._deadline > deadline
+    await client.close()
+
+
 async def test_a_command_dripped_byte_by_byte_gets_421_4_4_2(
         hasty_gateway: GatewayApp) -> None:
     # Only a whole valid command resets the idle timer; bytes of a line do not.
