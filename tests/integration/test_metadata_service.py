@@ -29,6 +29,7 @@ from mailgrid.settings import Settings
 from mailgrid.v1 import common_pb2, events_pb2, metadata_pb2, metadata_pb2_grpc
 from metadata_svc.app import MetadataApp
 from metadata_svc.ports import OutboxEvent
+from tests.integration.test_bus import stored
 
 MiB = 1024 * 1024
 
@@ -404,13 +405,8 @@ async def stored_events(nats_url: str) -> list[tuple[events_pb2.MailEvent, dict[
     """Every message of the EVENTS stream with its headers, in stream order."""
     nc = await nats.connect(nats_url)
     try:
-        js = nc.jetstream()
-        info = await js.stream_info("EVENTS")
-        found = []
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            msg = await js.get_msg("EVENTS", seq)
-            found.append((events_pb2.MailEvent.FromString(msg.data), dict(msg.headers or {})))
-        return found
+        return [(events_pb2.MailEvent.FromString(data), headers)
+                for _, data, headers in await stored(nc, "EVENTS")]
     finally:
         await nc.close()
 

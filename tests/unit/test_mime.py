@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import base64
+import email.policy
 import itertools
 import random
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from email.parser import BytesHeaderParser
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from mailgrid.mime import ParsedEmail, html_to_text, make_preview, parse_message, split_mbox
+from mailgrid.mime import (
+    ParsedEmail,
+    html_to_text,
+    make_preview,
+    parse_message,
+    single_part,
+    split_mbox,
+)
 from tests.conftest import CORPUS
 from tests.e2e.mail import smtp_wire_form
 from tests.e2e.test_corpus import corpus_messages
@@ -507,16 +516,11 @@ _VALUE_BYTES = st.binary(max_size=40).map(
 def test_single_part_headers_are_what_the_header_parser_makes(
         fields: list[tuple[str, list[bytes]]]) -> None:
     # Any well-formed block, folded or not, 8-bit bytes included.
-    import email.policy
-    from email.parser import BytesHeaderParser
-
-    import mailgrid.mime as mime
-
     head = b"".join(name.encode() + b":" + b"\r\n\t".join(values) + b"\r\n"
                     for name, values in fields)
-    fast = mime.single_part(head + b"\r\nbody\r\n")
-    if fast is None:  # a multipart/* or message/* Content-Type, or one that cannot parse
-        return
+    fast = single_part(head + b"\r\nbody\r\n")
+    # Not taken for a multipart/* or message/* Content-Type, or one that cannot parse.
+    assume(fast is not None)
     slow = BytesHeaderParser(policy=email.policy.default).parsebytes(head + b"\r\n")
     assert list(fast.raw_items()) == list(slow.raw_items())
     assert fast.defects == slow.defects and fast.get_unixfrom() == slow.get_unixfrom()
