@@ -145,17 +145,19 @@ class TreeMeter:
             self.samples += 1
 
     def settle(self, window: float = 0.5, quiet_share: float = 0.05,
-               limit: float = 120.0) -> float:
+               limit: float = 120.0, quiet_windows: int = 3) -> float:
         """Waits (measuring on) until the tree has finished the work it deferred: until
-        it spends less than ``quiet_share`` of one CPU over a ``window``, or ``limit``
-        seconds pass. Returns the seconds waited. Work a server does after the last
-        message is delivered (e.g. indexing it for search) is part of its cost."""
+        it spends less than ``quiet_share`` of one CPU in each of ``quiet_windows``
+        windows in a row, or ``limit`` seconds pass. Returns the seconds waited. Work a
+        server does after the last message is delivered (e.g. indexing it for search,
+        which may start a moment after the burst) is part of its cost."""
         started = time.monotonic()
-        while time.monotonic() - started < limit:
+        quiet = 0
+        while quiet < quiet_windows and time.monotonic() - started < limit:
             before = tree_cpu_seconds(self.roots)
             time.sleep(window)
-            if tree_cpu_seconds(self.roots) - before < quiet_share * window:
-                break
+            idle = tree_cpu_seconds(self.roots) - before < quiet_share * window
+            quiet = quiet + 1 if idle else 0
         return time.monotonic() - started
 
     def stop(self) -> None:

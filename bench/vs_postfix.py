@@ -358,7 +358,9 @@ def mailgrid_per_message_work(env: dict[str, str]) -> list[str]:
             f"spam score per recipient (delivery_svc/checks/spam.py, threshold "
             f"{settings.spam_threshold:g})",
             "search_svc indexes every message (tantivy) from the events stream, at CPU "
-            f"niceness {settings.search_nice} (its CPU is counted until the tree is quiet); "
+            f"niceness {settings.search_nice}, holding a batch up to "
+            f"{settings.search_index_max_delay:g} s while the machine has no CPU to spare "
+            "(its CPU is counted until the tree is quiet); "
             "realtime_svc fans events out (no client connected here)",
             f"log level {settings.log_level} (mailgrid's default is INFO: a line per "
             "accepted message and per filed job)"]

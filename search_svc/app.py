@@ -17,6 +17,7 @@ from mailgrid.service import configure_logging, run_until_signalled
 from mailgrid.settings import Settings
 from mailgrid.v1 import search_pb2_grpc
 from search_svc.indexer import Indexer
+from search_svc.pacing import IndexPacer
 from search_svc.ports import SearchIndex
 from search_svc.service import SearchServicer
 
@@ -83,7 +84,8 @@ class SearchApp:
         await bus.ensure_streams(js, settings.nats_replicas)
         self._metadata = MetadataClient(settings.metadata_addr)
         self.indexer = Indexer(self.index, js, self._metadata, settings,
-                               batch=settings.search_batch, linger=settings.search_linger)
+                               batch=settings.search_batch, linger=settings.search_linger,
+                               pacer=IndexPacer(settings.search_index_max_delay))
         await self.indexer.subscribe()
         self._task = asyncio.create_task(self.indexer.run(self._stop), name="indexer")
         server = GrpcServer(settings.search_addr)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 
 from google.protobuf.message import DecodeError
@@ -32,6 +33,7 @@ from mailgrid.filing import fill_bodies
 from mailgrid.settings import Settings
 from mailgrid.v1 import common_pb2, events_pb2
 from search_svc.document import indexed_message, summary_of
+from search_svc.pacing import IndexPacer
 from search_svc.ports import Delete, Operation, SearchIndex, UpdateSummary, Upsert
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ class Indexer:
 
     def __init__(self, index: SearchIndex, js: JetStreamContext, metadata: MetadataClient,
                  settings: Settings, *, batch: int = 256, ack_wait: float = 60.0,
-                 linger: float = 0.0) -> None:
+                 linger: float = 0.0, pacer: IndexPacer | None = None) -> None:
         self.index = index
         self.js = js
         self.metadata = metadata
@@ -76,8 +78,13 @@ class Indexer:
         self.batch = batch
         self.linger = linger
         self.ack_wait = ack_wait
+        # None: each batch is indexed as soon as it is fetched.
+        self.pacer = pacer
         self._sub: JetStreamContext.PullSubscription | None = None
         self._applied = asyncio.Condition()
+        # Set while a search waits for an event not applied yet: the pacer lets go.
+        self._demand = asyncio.Event()
+        self._waiting = 0
         # Serializes event batches with reindexing (search_svc.reindex).
         self.write_lock = asyncio.Lock()
 
@@ -121,6 +128,8 @@ class Indexer:
                                           timeout=FETCH_TIMEOUT, name="indexer"):
             if len(msgs) < self.batch and self.linger > 0:
                 msgs += await self._more(self.batch - len(msgs), stop)
+            if self.pacer is not None:
+                await self.pacer.wait(_stored(msgs[0]), self._demand, stop)
             await self._settle(msgs, stop)
 
     async def _more(self, wanted: int, stop: asyncio.Event) -> list[Msg]:
@@ -209,13 +218,20 @@ class Indexer:
     async def wait_applied(self, seq: int, timeout: float) -> int:
         """Waits until the index has applied ``seq`` (or ``timeout`` passes); returns
         the sequence applied."""
-        async with self._applied:
-            try:
-                async with asyncio.timeout(timeout):
-                    while await self.index.applied_seq() < seq:
-                        await self._applied.wait()
-            except TimeoutError:
-                pass
+        self._waiting += 1
+        self._demand.set()
+        try:
+            async with self._applied:
+                try:
+                    async with asyncio.timeout(timeout):
+                        while await self.index.applied_seq() < seq:
+                            await self._applied.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            self._waiting -= 1
+            if not self._waiting:
+                self._demand.clear()
         return await self.index.applied_seq()
 
 
@@ -233,6 +249,14 @@ def _decode(msg: Msg) -> events_pb2.MailEvent | None:
 
 def _seq(msg: Msg) -> int:
     return int(msg.metadata.sequence.stream)
+
+
+def _stored(msg: Msg) -> dt.datetime | None:
+    """When the stream stored ``msg`` (None if its metadata cannot say)."""
+    try:
+        return msg.metadata.timestamp
+    except Exception:  # a reply subject in an unexpected form
+        return None
 
 
 

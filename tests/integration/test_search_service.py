@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -24,7 +25,9 @@ from mailgrid.v1 import common_pb2, metadata_pb2, search_pb2
 from metadata_svc.app import MetadataApp
 from search_svc import indexer
 from search_svc.app import SearchApp, index_path
+from search_svc.pacing import CpuMeter, IndexPacer
 from search_svc.ports import DeleteUser
+from tests.unit.test_search_pacing import Machine
 
 
 @dataclass
@@ -139,6 +142,32 @@ async def test_the_indexer_keeps_indexing_after_idle_fetches(
     await asyncio.sleep(indexer.FETCH_TIMEOUT * 4)
     email_id = await deliver(metadata_client, alice, "idle", "after a quiet spell")
     assert await ids(search, alice, "after", await events.next_seq()) == [email_id]
+
+
+async def test_a_busy_machine_defers_indexing_but_never_a_search_that_waits(
+        search_app: SearchApp, search: SearchClient, metadata_client: MetadataClient,
+        events: Events, alice: common_pb2.User) -> None:
+    # A machine with no CPU to spare, and a 3 s bound on how long indexing waits for it.
+    assert search_app.indexer is not None and search_app.indexer.pacer is not None
+    assert search_app.indexer.pacer.max_delay == search_app.settings.search_index_max_delay
+    search_app.indexer.pacer = IndexPacer(3.0, CpuMeter(Machine(idle_share=0.0).read,
+                                                        own=lambda: 0.0), interval=0.05)
+    held = await deliver(metadata_client, alice, "held", "held back while busy")
+    seq = await events.next_seq()
+    await asyncio.sleep(0.5)
+    assert await ids(search, alice, "held") == []  # filed, not indexed yet
+    started = time.monotonic()
+    assert await ids(search, alice, "held", seq) == [held]  # read-your-writes: at once
+    assert time.monotonic() - started < 2.0
+    # Nobody waiting: indexed by itself once its event is 3 s old.
+    later = await deliver(metadata_client, alice, "later", "caught up later")
+    await events.next_seq()
+    started = time.monotonic()
+    while not await ids(search, alice, "later"):
+        assert time.monotonic() - started < 10, "never indexed"
+        await asyncio.sleep(0.1)
+    assert time.monotonic() - started > 2.0
+    assert await ids(search, alice, "later") == [later]
 
 
 async def test_flags_moves_and_deletes_keep_the_index_in_step(
