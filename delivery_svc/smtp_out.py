@@ -18,12 +18,11 @@ import aiosmtplib
 from aiosmtplib import SMTPResponse
 
 from delivery_svc.routing import Target
+from mailgrid.crlf import has_bare_cr_or_lf
 from mailgrid.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# RFC 5321 2.3.8: CR and LF only ever appear together as CRLF.
-BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
@@ -48,10 +47,6 @@ class RcptResult:
 
 class HostFailed(Exception):
     """This target could not take the message; the next one may."""
-
-
-def has_bare_cr_or_lf(data: bytes) -> bool:
-    return BARE_CR_OR_LF.search(data) is not None
 
 
 def one_line(text: str, limit: int = 400) -> str:

@@ -22,8 +22,8 @@ from email.message import EmailMessage
 from email.parser import BytesHeaderParser, BytesParser
 from email.utils import format_datetime
 
-from gateway import received
 from mailgrid.addresses import has_line_break, parse_address
+from mailgrid.crlf import has_bare_cr_or_lf
 from mailgrid.errors import InvalidArgument
 
 # CRLF line ends (policy.SMTP); 7bit transfer encodings (quoted-printable or base64 for
@@ -217,7 +217,7 @@ def render(msg: EmailMessage, message_id: str) -> Rendered:
 
 def _bytes(msg: EmailMessage) -> bytes:
     data = msg.as_bytes(policy=SEND_POLICY)
-    if received.has_bare_cr_or_lf(data):  # the generator writes CRLF only; make sure
+    if has_bare_cr_or_lf(data):  # the generator writes CRLF only; make sure
         raise InvalidArgument("the message could not be written with CRLF line ends")
     return data
 

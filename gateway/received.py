@@ -17,18 +17,6 @@ _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _UNSAFE = re.compile(r"[^\x21-\x27\x2a-\x7e]")
 
 
-def has_bare_cr_or_lf(data: bytes) -> bool:
-    """True when a CR is not followed by LF or a LF is not preceded by CR.
-
-    RFC 5321 2.3.8 lets only CRLF end a line; servers that accept a bare LF or CR as a
-    line end disagree with others on where DATA ends ("SMTP smuggling"), so we refuse
-    such messages outright. Three C-level counts instead of a scan in Python: every CRLF
-    holds exactly one CR and one LF, so any surplus is a bare one.
-    """
-    pairs = data.count(CRLF)
-    return data.count(b"\r") != pairs or data.count(b"\n") != pairs
-
-
 def header_block(data: bytes) -> bytes:
     """The header section: everything before the first empty line (RFC 5322 2.1)."""
     if data.startswith(CRLF):

@@ -30,6 +30,7 @@ from gateway.smtp_data import ChunkedDataSMTP
 from gateway.smtp_setup import QuickSetupSMTP
 from gateway.smtp_timeout import LazyTimeoutSMTP
 from mailgrid.clients import MetadataClient
+from mailgrid.crlf import has_bare_cr_or_lf
 from mailgrid.errors import MailgridError, NotFound, Unavailable
 from mailgrid.grpcutil import CHUNK_SIZE
 from mailgrid.ids import new_queue_id
@@ -392,7 +393,7 @@ class MxHandler:
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
     def _check_content(self, content: bytes) -> str | None:
-        if received.has_bare_cr_or_lf(content):
+        if has_bare_cr_or_lf(content):
             return R_BARE_CR_LF
         if len(content) > self.settings.max_message_size:
             return R_TOO_BIG

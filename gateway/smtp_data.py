@@ -27,6 +27,8 @@ import logging
 
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 
+from mailgrid.crlf import has_dot_after_lf
+
 log = logging.getLogger(__name__)
 
 CRLF = b"\r\n"
@@ -89,9 +91,10 @@ def unstuff(data: bytes) -> bytes:
     """``data`` with one leading ``.`` removed from every line (RFC 5321 4.5.2)."""
     if data[:1] == b".":
         data = data[1:]
-    # A single-octet find is a memchr, many times faster than a search for "\r\n."
-    # (whose frequent partial matches slow it down); base64 bodies have no dot at all.
-    if data.find(b".") < 0:
+    # A single-octet find is a memchr, and base64 bodies have no dot at all; where dots
+    # are (headers have them), a vectorized look for one at a line start is still several
+    # times faster than replace's search for "\r\n." (slowed by every CRLF it passes).
+    if data.find(b".") < 0 or not has_dot_after_lf(data):
         return data
     return data.replace(b"\r\n.", CRLF)
 

@@ -1,4 +1,4 @@
-"""The MX listener's pure checks: bare CR/LF, hop counting, our Received header."""
+"""The MX listener's pure checks: hop counting, our Received header."""
 
 from __future__ import annotations
 
@@ -9,29 +9,6 @@ import pytest
 from gateway import received
 
 WHEN = datetime(2024, 5, 1, 12, 30, 0, tzinfo=UTC)
-
-
-@pytest.mark.parametrize("data", [
-    b"Subject: a\r\n\r\nbody\r\n",
-    b"",
-    b"no line end at all",
-    b"\r\n\r\n\r\n",
-])
-def test_crlf_only_messages_have_no_bare_cr_or_lf(data: bytes) -> None:
-    assert not received.has_bare_cr_or_lf(data)
-
-
-@pytest.mark.parametrize("data", [
-    b"Subject: a\n\r\nbody\r\n",          # bare LF
-    b"Subject: a\r\n\r\nbody\r\r\n",      # CR CR LF: one bare CR
-    b"Subject: a\r\n\r\nbo\rdy\r\n",      # bare CR inside a line
-    b"a\r\n.\n",                          # LF-style end of data, smuggling attempt
-    b"a\rb\nc\r\n",                       # a bare CR and a bare LF on one line
-    b"\n",
-    b"\r",
-])
-def test_bare_cr_or_lf_is_found(data: bytes) -> None:
-    assert received.has_bare_cr_or_lf(data)
 
 
 def test_received_fields_are_counted_in_the_header_block_only() -> None:

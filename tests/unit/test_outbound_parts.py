@@ -15,10 +15,10 @@ from delivery_svc.routing import parse_routes
 from delivery_svc.smtp_out import (
     Outcome,
     RcptResult,
-    has_bare_cr_or_lf,
     one_line,
     status_of,
 )
+from mailgrid import crlf
 from mailgrid.errors import InvalidArgument
 from mailgrid.settings import Settings
 
@@ -51,13 +51,6 @@ def test_derived_job_ids_keep_the_root_and_are_deterministic() -> None:
     assert root_job_id(derived_job_id(first, "r17f")) == "sub-1-example.net"
 
 
-@pytest.mark.parametrize(("data", "bare"), [
-    (b"a\r\nb\r\n", False), (b"a\nb\r\n", True), (b"a\rb\r\n", True),
-    (b"a\r\n\r\n.\r\n", False), (b"end\r", True)])
-def test_bare_cr_or_lf_is_found(data: bytes, bare: bool) -> None:
-    assert has_bare_cr_or_lf(data) is bare
-
-
 def test_status_comes_from_the_reply_or_its_code() -> None:
     assert status_of(550, "5.1.1 No such user") == "5.1.1"
     assert status_of(451, "Try later") == "4.0.0"
@@ -81,7 +74,7 @@ def test_dsn_is_a_multipart_report_with_one_group_per_recipient() -> None:
                              _failed("eve@example.net", "5.7.1", "554 5.7.1 no")],
                     original=ORIGINAL)
     raw = build_dsn(report)
-    assert not has_bare_cr_or_lf(raw)
+    assert not crlf.has_bare_cr_or_lf(raw)
     dsn = email.message_from_bytes(raw)
     assert dsn.get_content_type() == "multipart/report"
     assert dsn["In-Reply-To"] == "<m1@example.test>"

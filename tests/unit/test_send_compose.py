@@ -9,8 +9,9 @@ from email.headerregistry import Address
 import pytest
 
 from delivery_svc.submit import route
-from gateway import compose, received
+from gateway import compose
 from gateway.submission import AuthGuard, with_missing_fields
+from mailgrid import crlf
 from mailgrid.addresses import parse_address
 from mailgrid.errors import InvalidArgument
 from mailgrid.settings import Settings
@@ -48,8 +49,8 @@ def test_a_built_message_has_crlf_only_and_bcc_only_in_the_senders_copy() -> Non
         html="<p>x</p>", attachments=[compose.Attachment("r.pdf", "application/pdf", b"\0")])
     rendered = compose.render(compose.build(comp, now=NOW, message_id="<m@example.test>"),
                               "<m@example.test>")
-    assert not received.has_bare_cr_or_lf(rendered.sent)
-    assert not received.has_bare_cr_or_lf(rendered.outgoing)
+    assert not crlf.has_bare_cr_or_lf(rendered.sent)
+    assert not crlf.has_bare_cr_or_lf(rendered.outgoing)
     assert b"\r\nBcc: carol@example.org\r\n" in rendered.sent
     assert b"carol" not in rendered.outgoing
     assert rendered.recipients == ["bob@example.test", "carol@example.org"]
