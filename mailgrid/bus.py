@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import nats
+import nats.aio.client
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -94,6 +95,15 @@ STREAMS = (
                atomic=True),
     StreamSpec("DEAD", [f"{DEAD_PREFIX}.>"], RetentionPolicy.LIMITS, max_age=30 * DAY),
 )
+
+
+# nats-py reads the socket 32 KiB at a time into a StreamReader of the same limit, so a
+# message of a megabyte (a batch of inbound jobs) pauses and resumes the socket and
+# passes through the protocol parser some 30 times; with one MiB it does so once or
+# twice. nats-py has no option for it, only this module constant, read at connect and
+# at every read.
+READ_BUFFER = 1024 * 1024
+nats.aio.client.DEFAULT_BUFFER_SIZE = READ_BUFFER
 
 
 async def connect(url: str, name: str, **options: Any) -> NATS:
