@@ -44,6 +44,9 @@ class JobChecks:
     # Came in through our MX (rather than from a local user's submission).
     external: bool
     virus: str = ""
+    # The spam rules of the message itself, the same for every recipient: worked out
+    # for the first recipient's copy and reused for the others.
+    spam_rules: tuple[spam.Rule, ...] | None = None
 
 
 class InboundChecks:
@@ -103,9 +106,12 @@ class InboundChecks:
             return "inbox", verdict
         org = (self.auth_checker.organizational_domain if checks.auth is not None
                else _plain_domain)
-        report = spam.score(parsed, checks.header_names, checks.auth, checks.mail_from,
-                            self.settings.domains, lists,
-                            self.settings.spam_threshold, org)
+        if checks.spam_rules is None:
+            checks.spam_rules = spam.message_rules(parsed, checks.header_names, checks.auth,
+                                                   checks.mail_from, self.settings.domains,
+                                                   org)
+        report = spam.score(checks.spam_rules, getattr(parsed, "from").email, lists,
+                            self.settings.spam_threshold)
         verdict.spam.CopyFrom(report)
         auth = checks.auth
         if auth is not None and auth.dmarc == "fail" and auth.dmarc_policy in (

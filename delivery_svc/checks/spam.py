@@ -10,7 +10,7 @@ signals: failed authentication, a forged local domain, the user's own block list
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from delivery_svc.checks.auth import AuthResults
@@ -54,27 +54,36 @@ def sender_verdict(sender: str, entries: Iterable[common_pb2.SenderListEntry]
     return by_sender.get(sender) or by_sender.get(domain)
 
 
-def score(parsed: metadata_pb2.ParsedMessage, header_names: set[bytes],
-          auth: AuthResults | None, mail_from: str, local_domains: Iterable[str],
-          lists: Iterable[common_pb2.SenderListEntry], threshold: float,
-          org_domain: Callable[[str], str]) -> common_pb2.SpamReport:
-    """The report for one copy of a message (the lists are its recipient's)."""
+def message_rules(parsed: metadata_pb2.ParsedMessage, header_names: set[bytes],
+                  auth: AuthResults | None, mail_from: str, local_domains: Iterable[str],
+                  org_domain: Callable[[str], str]) -> tuple[Rule, ...]:
+    """The rules a message fires whoever receives it: worked out once per message, not
+    once per recipient (the phrase scan alone is 0.1 ms over 20,000 characters)."""
     rules: list[Rule] = []
     if auth is not None:
         rules += _auth_rules(auth, local_domains)
     rules += _header_rules(parsed, header_names, mail_from, org_domain)
     rules += _pattern_rules(parsed)
-    sender = getattr(parsed, "from").email
+    return tuple(rules)
+
+
+def score(rules: Sequence[Rule], sender: str,
+          lists: Iterable[common_pb2.SenderListEntry],
+          threshold: float) -> common_pb2.SpamReport:
+    """The report for one copy: the message's ``rules`` and its recipient's ``lists``
+    (``sender``: the message's From address)."""
+    copy_rules = list(rules)
     entry = sender_verdict(sender, lists) if sender else None
     if entry is not None:
         how = "allow" if entry.allow else "block"
-        rules.append(Rule(f"sender_{how}_list", -LIST_SCORE if entry.allow else LIST_SCORE,
-                          f"{entry.sender} is on your {how} list ({entry.source})"))
-    total = round(sum(r.score for r in rules), 2)
+        copy_rules.append(Rule(f"sender_{how}_list",
+                               -LIST_SCORE if entry.allow else LIST_SCORE,
+                               f"{entry.sender} is on your {how} list ({entry.source})"))
+    total = round(sum(r.score for r in copy_rules), 2)
     return common_pb2.SpamReport(
         score=total, threshold=threshold,
         rules=[common_pb2.SpamRule(name=r.name, score=r.score, detail=r.detail)
-               for r in rules])
+               for r in copy_rules])
 
 
 def _auth_rules(auth: AuthResults, local_domains: Iterable[str]) -> list[Rule]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from delivery_svc.checks import spam
+from delivery_svc.checks import InboundChecks, JobChecks, spam
 from delivery_svc.checks.auth import (
     AuthResults,
     DkimResult,
@@ -14,6 +14,7 @@ from delivery_svc.checks.auth import (
 )
 from gateway.http_api import message_out
 from mailgrid.mime import parse_message
+from mailgrid.settings import Settings
 from mailgrid.v1 import common_pb2
 from tests.e2e.mail import smtp_wire_form
 from tests.e2e.test_corpus import corpus_messages
@@ -28,8 +29,8 @@ def _org(domain: str) -> str:
 def _score(raw: bytes, auth: AuthResults | None, mail_from: str = "peer@remote.test",
            lists: list[common_pb2.SenderListEntry] | None = None) -> common_pb2.SpamReport:
     parsed = parse_message(raw).message
-    return spam.score(parsed, set(header_names(raw)), auth, mail_from, LOCAL,
-                      lists or [], 5.0, _org)
+    rules = spam.message_rules(parsed, set(header_names(raw)), auth, mail_from, LOCAL, _org)
+    return spam.score(rules, getattr(parsed, "from").email, lists or [], 5.0)
 
 
 def _unauthenticated(raw: bytes) -> AuthResults:
@@ -70,6 +71,25 @@ def test_allow_list_of_the_domain_outweighs_the_other_rules() -> None:
     report = _score(raw, None, mail_from="a@friend.test", lists=[entry])
     assert report.score < 0
     assert report.rules[-1].name == "sender_allow_list"
+
+
+def test_each_recipient_gets_the_message_rules_once_worked_out_and_its_own_lists() -> None:
+    raw = b"From: a@friend.test\r\nSubject: cheap viagra\r\n\r\nhi\r\n"
+    parsed = parse_message(raw).message
+    checks = JobChecks(auth=None, authentication_results="", header_names=set(header_names(raw)),
+                       mail_from="a@friend.test", external=True)
+    inbound = InboundChecks(Settings())
+    blocked = common_pb2.SenderListEntry(sender="friend.test", allow=False, source="user")
+    folder, first = inbound.decide(checks, parsed, [blocked])
+    assert folder == "spam" and first.spam.rules[-1].name == "sender_block_list"
+    # The second recipient's copy reuses the rules worked out for the first: a change to
+    # the parsed message in between (never made in practice) shows they are not redone.
+    parsed.subject = "A SUBJECT IN CAPITALS ONLY"
+    folder, second = inbound.decide(checks, parsed, [])
+    assert folder == "inbox"
+    assert [r.name for r in second.spam.rules] == [r.name for r in first.spam.rules[:-1]]
+    assert "pattern_pharma" in [r.name for r in second.spam.rules]
+    assert "subject_all_caps" not in [r.name for r in second.spam.rules]
 
 
 def test_an_address_entry_wins_over_its_domain_entry() -> None:
