@@ -247,7 +247,17 @@ async function loadPage() {
   if (state.query) {
     const params = new URLSearchParams({ q: state.query, limit: String(PAGE_SIZE) });
     if (cursor) params.set("cursor", cursor);
-    reply = await api(`/v1/search?${params}`);
+    // The events cursor is the EVENTS sequence this page has seen: asking the index for
+    // at least that much finds every message the list has shown, even while indexing
+    // waits for a busy server to have CPU to spare.
+    if (state.events.cursor) params.set("min_seq", state.events.cursor);
+    try {
+      reply = await api(`/v1/search?${params}`);
+    } catch (err) {
+      if (err.status !== 503 || !params.has("min_seq")) throw err;
+      params.delete("min_seq");  // the index is late: what it holds beats no answer
+      reply = await api(`/v1/search?${params}`);
+    }
   } else {
     const params = new URLSearchParams({ limit: String(PAGE_SIZE) });
     if (cursor) params.set("cursor", cursor);
