@@ -312,10 +312,10 @@ def test_search_shows_matches_in_the_list(browser: Browser, shared_suite: Suite)
 
 def test_a_search_the_index_is_too_late_for_falls_back_to_what_it_holds(
         browser: Browser, shared_suite: Suite) -> None:
-    dave = user(shared_suite, "web-dave@example.test")
-    deliver(shared_suite, dave, text_mail("Quarterly report", "Numbers inside."))
-    wait_inbox(shared_suite, dave, 1)
-    page = sign_in(browser, shared_suite, dave)
+    quinn = user(shared_suite, "web-quinn@example.test")
+    deliver(shared_suite, quinn, text_mail("Quarterly report", "Numbers inside."))
+    wait_inbox(shared_suite, quinn, 1)
+    page = sign_in(browser, shared_suite, quinn)
     expect(page.locator("body")).to_have_attribute("data-live", "websocket")
     # search_svc answers 503 when the index has not reached min_seq in time; that answer
     # is made here for the first request, the retry goes to the real gateway.
