@@ -259,8 +259,6 @@ def _stored(msg: Msg) -> dt.datetime | None:
         return None
 
 
-
-
 def _to_refresh(event: events_pb2.MailEvent) -> str:
     """The email id whose current state the event's index operation needs, or ''."""
     kind = event.WhichOneof("kind")

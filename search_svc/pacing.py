@@ -134,15 +134,18 @@ class IndexPacer:
         if sample is None:
             return True
         last = self._last
-        window = (sample.total - last.total) / sample.cores if last is not None else -1.0
-        if last is None or window > STALE_WINDOWS * self.interval:
+        if last is None or _window(last, sample) > STALE_WINDOWS * self.interval:
             self._last = sample
             return False
-        if window < self.interval / 2:
+        if _window(last, sample) < self.interval / 2:
             return False
         self._last = sample
-        spare = CpuMeter.spare_cores(last, sample)
-        return spare is None or spare >= SPARE_CORES
+        return (CpuMeter.spare_cores(last, sample) or 0.0) >= SPARE_CORES
+
+
+def _window(before: CpuSample, after: CpuSample) -> float:
+    """Wall-clock seconds between two samples, by the kernel's counters."""
+    return (after.total - before.total) / after.cores
 
 
 async def _either(*events: asyncio.Event) -> None:

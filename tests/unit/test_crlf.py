@@ -7,15 +7,12 @@ start. Hypothesis draws messages from the octets that matter (CR, LF, dot) and o
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mailgrid.crlf import has_bare_cr_or_lf, has_dot_after_lf
-
-CORPUS = Path(__file__).resolve().parents[2] / ".." / "shared" / "corpus"
+from tests.e2e.test_corpus import corpus_messages
 
 
 def bare_by_counts(data: bytes) -> bool:
@@ -74,9 +71,8 @@ def test_the_scans_agree_with_the_plain_bytes_forms(data: bytes) -> None:
 
 
 def test_the_scans_agree_on_every_corpus_message() -> None:
-    files = sorted(p for p in CORPUS.rglob("*") if p.is_file())
-    assert len(files) >= 200
-    for path in files:
-        data = path.read_bytes()
-        assert has_bare_cr_or_lf(data) is bare_by_counts(data), path
-        assert has_dot_after_lf(data) is dot_after_lf_by_search(data), path
+    messages = corpus_messages()
+    assert len(messages) >= 200
+    for name, data in messages:
+        assert has_bare_cr_or_lf(data) is bare_by_counts(data), name
+        assert has_dot_after_lf(data) is dot_after_lf_by_search(data), name
