@@ -6,8 +6,9 @@ streams, then runs metadata_svc, delivery_svc and the gateway, each as its own p
 restarts a child that dies, stops everything in reverse order on SIGINT/SIGTERM, and
 publishes where everything listens in DATA_DIR/run/endpoints.json while it runs.
 
-Children's output goes to the launcher's stderr, each line prefixed with the service name;
-the launcher's own banner (the endpoints) goes to stdout.
+Children's output goes to the launcher's stderr, each line prefixed with the service name:
+their logging writes there directly (the descriptor is handed down), anything else they
+print is copied from a pipe; the launcher's own banner (the endpoints) goes to stdout.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from mailgrid import bus, services
 from mailgrid.errors import MailgridError, Unavailable
 from mailgrid.grpcutil import wait_healthy
 from mailgrid.natsd import NatsServer, free_port
+from mailgrid.service import LOG_FD_ENV, LOG_PREFIX_ENV, line_prefix
 from mailgrid.settings import Settings, split_host_port
 
 log = logging.getLogger(__name__)
@@ -245,7 +247,7 @@ async def pump_output(name: str, stream: asyncio.StreamReader, sink: IO[str]) ->
     under load, not one per line; a line of any length is fine); a last line without
     its newline is copied when the child closes its output.
     """
-    prefix = f"{name:<9}| "
+    prefix = line_prefix(name)
     pending = b""
     while chunk := await stream.read(PUMP_CHUNK):
         *lines, pending = (pending + chunk).split(b"\n")
@@ -276,6 +278,7 @@ class Launcher:
         self.endpoints: Endpoints | None = None
         self._stopping = asyncio.Event()
         self._lock_fd: int | None = None
+        self._log_fd: int | None = None
         self._env: dict[str, str] = {}
 
     @property
@@ -320,6 +323,9 @@ class Launcher:
                 task.cancel()
             await asyncio.gather(*supervisors, return_exceptions=True)
             await self._stop_all()
+            if self._log_fd is not None:
+                os.close(self._log_fd)
+                self._log_fd = None
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
 
@@ -391,9 +397,13 @@ class Launcher:
         # A restarted child's old pipe is drained before the new one starts.
         if child.pump is not None:
             await child.pump
+        log_fd = self._child_log_fd()
+        env = self._env if log_fd is None else {
+            **self._env, LOG_FD_ENV: str(log_fd), LOG_PREFIX_ENV: line_prefix(child.name)}
         child.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "mailgrid", "serve", child.name,
-            env=self._env,
+            env=env,
+            pass_fds=() if log_fd is None else (log_fd,),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -404,6 +414,18 @@ class Launcher:
         child.pump = asyncio.create_task(
             pump_output(child.name, child.process.stdout, self.child_output))
         log.info("started %s (pid %d, gRPC %s)", child.name, child.pid, child.grpc_addr)
+
+    def _child_log_fd(self) -> int | None:
+        """The children's log output as a descriptor to hand down, or None when it is
+        not a file (a test's StringIO). A duplicate: in a child, fds 1 and 2 are its
+        pipe to the launcher."""
+        if self._log_fd is None:
+            try:
+                fd = self.child_output.fileno()
+            except (AttributeError, OSError, ValueError):
+                return None
+            self._log_fd = os.dup(fd)
+        return self._log_fd
 
     async def _await_healthy(self, child: Child, starting: bool) -> bool:
         """True once the child answers SERVING; False if it exits first (during startup

@@ -7,9 +7,11 @@ it is serving (its gRPC health says SERVING), ``stop`` drains and closes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
-from typing import Protocol
+from typing import IO, Protocol
 
 from mailgrid.settings import Settings
 
@@ -24,13 +26,56 @@ class Service(Protocol):
 # lines per message (Postfix logs about six, one per event of the message's life).
 SMTP_TRACE_LOGGER = "mail.log"
 
+# Set by `mailgrid up` for its children: the descriptor of the launcher's own log output
+# and the prefix each line gets there. A child logs straight into it instead of through
+# its output pipe, which the launcher would have to read and copy line by line (about
+# 0.07 ms of its CPU per received message); the pipe stays for anything else a child
+# prints.
+LOG_FD_ENV = "MAILGRID_LOG_FD"
+LOG_PREFIX_ENV = "MAILGRID_LOG_PREFIX"
+
+
+def line_prefix(name: str) -> str:
+    """What starts every line of ``name``'s output under `mailgrid up`."""
+    return f"{name:<9}| "
+
+
+class PrefixedFormatter(logging.Formatter):
+    """Puts ``prefix`` before every line of a record, a traceback's included."""
+
+    def __init__(self, fmt: str, prefix: str) -> None:
+        super().__init__(fmt)
+        self.prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if "\n" in text:
+            return "\n".join(self.prefix + line for line in text.split("\n"))
+        return self.prefix + text
+
+
+def _launcher_log() -> IO[str] | None:
+    """The launcher's log output handed down to this process, if any. The variable is
+    not passed on: in a process this one starts, that number may be another file."""
+    fd = os.environ.pop(LOG_FD_ENV, "")
+    if not fd.isdigit():
+        return None
+    with contextlib.suppress(OSError):
+        return os.fdopen(int(fd), "w", buffering=1, encoding="utf-8",
+                         errors="backslashreplace", closefd=False)
+    return None
+
 
 def configure_logging(settings: Settings, name: str) -> None:
     level = settings.log_level.upper()
-    logging.basicConfig(
-        level=level,
-        format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
+    fmt = f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s"
+    stream = _launcher_log()
+    if stream is None:
+        logging.basicConfig(level=level, format=fmt)
+    else:
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(PrefixedFormatter(fmt, os.environ.pop(LOG_PREFIX_ENV, "")))
+        logging.basicConfig(level=level, handlers=[handler])
     # The gateway logs one line per accepted message itself; the protocol trace comes
     # back with MAILGRID_LOG_LEVEL=DEBUG.
     wanted: int = logging.getLevelName(level)  # a level name's number

@@ -131,6 +131,27 @@ def test_a_killed_child_is_restarted_on_the_same_address(suite: Suite) -> None:
     assert token(suite, "bob@example.test", "pw").status_code == 200
 
 
+def test_services_log_into_the_launchers_output_without_passing_through_it(
+        suite: Suite) -> None:
+    """A service's log lines reach the launcher's stderr while the launcher itself is
+    stopped: the services write them there directly, prefixed as the launcher would."""
+    assert suite.cli("user", "add", "logs@example.test", "--password", "pw").returncode == 0
+    gateway_pid = suite.service_pid("gateway")
+    os.kill(suite.pid, signal.SIGSTOP)
+    try:
+        host, port = suite.smtp_host_port
+        with smtplib.SMTP(host, port, timeout=30) as client:
+            client.sendmail("someone@example.org", ["logs@example.test"],
+                            b"Subject: logged\r\n\r\nhello\r\n")
+        queued = re.compile(rf"^gateway  \| \S+ \S+ gateway\[{gateway_pid}\] INFO "
+                            r"gateway\.smtp: queued \S+ from=<someone@example\.org>",
+                            re.MULTILINE)
+        wait_for(lambda: bool(queued.search(suite.log())),
+                 "the gateway's queued line with the launcher stopped", 30, suite.log)
+    finally:
+        os.kill(suite.pid, signal.SIGCONT)
+
+
 def test_two_suites_run_side_by_side(shared_suite: Suite, launch_suite: LaunchSuite) -> None:
     first, second = shared_suite, launch_suite()
     ours, theirs = first.endpoints(), second.endpoints()

@@ -6,6 +6,10 @@ import asyncio
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -22,7 +26,13 @@ from mailgrid.launcher import (
     pump_output,
     token_secret_path,
 )
-from mailgrid.service import SMTP_TRACE_LOGGER, configure_logging
+from mailgrid.service import (
+    LOG_FD_ENV,
+    LOG_PREFIX_ENV,
+    SMTP_TRACE_LOGGER,
+    configure_logging,
+    line_prefix,
+)
 from mailgrid.settings import Settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -262,3 +272,52 @@ async def test_child_output_is_copied_in_whole_prefixed_lines() -> None:
     assert sink.getvalue().splitlines() == [
         "gateway  | first", "gateway  | second é", f"gateway  | {long_line}",
         "gateway  | no newline at the end"]
+
+
+# A service process as `mailgrid up` starts it: an info line, then an error with its
+# traceback, so that every line of a multi-line record is seen.
+CHILD_LOGS = textwrap.dedent("""
+    import logging
+    from mailgrid.service import configure_logging
+    from mailgrid.settings import Settings
+    configure_logging(Settings(log_level="INFO"), "gateway")
+    log = logging.getLogger("mailgrid.test")
+    log.info("one line")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("with a traceback")
+""")
+
+
+def run_child(fd: str, pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", CHILD_LOGS], capture_output=True, text=True, timeout=60,
+        env={**os.environ, LOG_FD_ENV: fd, LOG_PREFIX_ENV: line_prefix("gateway")},
+        pass_fds=pass_fds, check=False)
+
+
+def test_a_child_of_the_launcher_logs_straight_into_the_output_handed_down(
+        tmp_path: Path) -> None:
+    out = tmp_path / "launcher-stderr"
+    with out.open("w") as sink:
+        done = run_child(str(sink.fileno()), (sink.fileno(),))
+    assert done.returncode == 0, done.stderr
+    assert (done.stdout, done.stderr) == ("", "")  # nothing left for the pipe to copy
+    lines = out.read_text().splitlines()
+    assert all(line.startswith("gateway  | ") for line in lines), lines
+    assert lines[0].endswith(" INFO mailgrid.test: one line")
+    assert " gateway[" in lines[0]
+    assert lines[1].endswith(" ERROR mailgrid.test: with a traceback")
+    assert lines[2] == "gateway  | Traceback (most recent call last):"
+    assert lines[-1] == "gateway  | ValueError: boom"
+
+
+@pytest.mark.parametrize("fd", ["", "stderr", "987"])  # unset, not a number, not open
+def test_without_a_usable_handed_down_output_a_service_logs_to_its_stderr(fd: str) -> None:
+    done = run_child(fd)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0].endswith(" INFO mailgrid.test: one line")
+    assert not lines[0].startswith("gateway  |")  # the launcher's pump adds it there
+    assert lines[-1] == "ValueError: boom"
