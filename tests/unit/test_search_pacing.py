@@ -70,6 +70,36 @@ async def test_a_busy_machine_holds_a_batch_until_its_oldest_event_is_max_delay_
     assert p.deferred_batches == 1
 
 
+class Counters:
+    """CPU counters the test moves by hand."""
+
+    def __init__(self, cores: int = 2) -> None:
+        self.cores = cores
+        self.total = self.idle = 0.0
+
+    def advance(self, seconds: float, idle_share: float) -> None:
+        self.total += seconds * self.cores
+        self.idle += seconds * self.cores * idle_share
+
+    def read(self) -> tuple[float, float, int]:
+        return self.total, self.idle, self.cores
+
+
+def test_a_window_too_short_to_tell_is_not_taken_for_spare_cpu() -> None:
+    # The kernel counts CPU time in ticks of about 10 ms: over a few milliseconds a busy
+    # machine can look all idle. Such a window says nothing, and the next measurement
+    # still starts where the last full one ended.
+    counters = Counters()
+    p = IndexPacer(10.0, CpuMeter(counters.read, own=lambda: 0.0), interval=0.2)
+    assert p._has_spare() is False  # the first sample only opens a window
+    counters.advance(0.01, idle_share=1.0)
+    assert p._has_spare() is False
+    counters.advance(0.2, idle_share=0.0)  # 0.21 s since the window opened, 0.1 core idle
+    assert p._has_spare() is False
+    counters.advance(0.2, idle_share=1.0)
+    assert p._has_spare() is True
+
+
 async def test_an_event_older_than_max_delay_is_indexed_at_once() -> None:
     assert await timed_wait(pacer(Machine(), max_delay=0.6), utc_ago(5)) < 0.05
 
