@@ -69,12 +69,12 @@ def _launcher_log() -> IO[str] | None:
 def configure_logging(settings: Settings, name: str) -> None:
     level = settings.log_level.upper()
     fmt = f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s"
-    stream = _launcher_log()
+    stream, prefix = _launcher_log(), os.environ.pop(LOG_PREFIX_ENV, "")
     if stream is None:
         logging.basicConfig(level=level, format=fmt)
     else:
         handler = logging.StreamHandler(stream)
-        handler.setFormatter(PrefixedFormatter(fmt, os.environ.pop(LOG_PREFIX_ENV, "")))
+        handler.setFormatter(PrefixedFormatter(fmt, prefix))
         logging.basicConfig(level=level, handlers=[handler])
     # The gateway logs one line per accepted message itself; the protocol trace comes
     # back with MAILGRID_LOG_LEVEL=DEBUG.

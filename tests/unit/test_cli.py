@@ -287,6 +287,8 @@ CHILD_LOGS = textwrap.dedent("""
         raise ValueError("boom")
     except ValueError:
         log.exception("with a traceback")
+    import os  # neither setting is passed on to what this process starts
+    assert "MAILGRID_LOG_FD" not in os.environ and "MAILGRID_LOG_PREFIX" not in os.environ
 """)
 
 
