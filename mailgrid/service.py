@@ -48,10 +48,7 @@ class PrefixedFormatter(logging.Formatter):
         self.prefix = prefix
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        if "\n" in text:
-            return "\n".join(self.prefix + line for line in text.split("\n"))
-        return self.prefix + text
+        return self.prefix + super().format(record).replace("\n", "\n" + self.prefix)
 
 
 def _launcher_log() -> IO[str] | None:
