@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -87,6 +88,12 @@ async def run_until_signalled(service: Service) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await service.start()
+    # What starting made (modules, clients, caches: some 80,000 objects in the gateway)
+    # lives as long as the process. Frozen, the cycle collector no longer walks it at
+    # every full collection (40 ms each in the gateway, one every few thousand
+    # messages under load).
+    gc.collect()
+    gc.freeze()
     try:
         await stop.wait()
     finally:
