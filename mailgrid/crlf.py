@@ -36,5 +36,13 @@ def has_bare_cr_or_lf(data: bytes | bytearray | memoryview) -> bool:
 def has_dot_after_lf(data: bytes | bytearray | memoryview) -> bool:
     """True when a LF is followed by a dot: where a line may start with one (and DATA's
     dot-stuffing, RFC 5321 4.5.2, has something to undo)."""
+    return first_dot_after_lf(data, 1) >= 0
+
+
+def first_dot_after_lf(data: bytes | bytearray | memoryview, start: int) -> int:
+    """The offset of the first dot right after a LF at ``start`` (at least 1) or later,
+    or -1."""
     octets = _octets(data)
-    return bool(np.any((octets[:-1] == LF) & (octets[1:] == DOT)))
+    at = (octets[start - 1:-1] == LF) & (octets[start:] == DOT)
+    first = int(np.argmax(at)) if len(at) else 0
+    return start + first if len(at) and at[first] else -1
