@@ -36,6 +36,20 @@ BAD_PATTERNS: tuple[tuple[str, tuple[str, ...], re.Pattern[str]], ...] = tuple(
     ))
 PATTERN_SCORE = 2.5
 PATTERN_CAP = 5.0
+# Letters from the most to the least frequent in English text.
+_LETTER_ORDER = "etaoinshrdlcumwfgypbvkjxqz"
+
+
+def _rarest_letters(word: str) -> tuple[str, ...]:
+    """The two letters of ``word`` least frequent in English, the rarest first."""
+    return tuple(sorted(set(word) & set(_LETTER_ORDER), key=_LETTER_ORDER.index)[:-3:-1])
+
+
+# A word cannot be in a text that lacks one of its letters, and a one-character search
+# is a memchr: text in another script, or a machine-made body, passes over most words at
+# that speed, where each word's own search steps a few characters at a time (9 words in
+# 20,000 characters of smtp-source's body: 90 us, 17 us with this).
+_RARE_LETTERS = {word: _rarest_letters(word) for _, words, _ in BAD_PATTERNS for word in words}
 
 
 @dataclass(frozen=True)
@@ -145,7 +159,8 @@ def _pattern_rules(parsed: metadata_pb2.ParsedMessage) -> list[Rule]:
     for name, words, pattern in BAD_PATTERNS:
         if sum(r.score for r in rules) >= PATTERN_CAP:
             break
-        if not any(word in folded for word in words):
+        if not any(all(c in folded for c in _RARE_LETTERS[word]) and word in folded
+                   for word in words):
             continue
         found = pattern.search(text)
         if found:

@@ -163,3 +163,24 @@ def test_each_spam_phrase_matches_in_any_case_despite_the_word_prefilter(name: s
         raw = f"From: a@b.test\r\nSubject: hello\r\n\r\n{phrase}\r\n".encode()
         rules = {r.name for r in _score(raw, None).rules}
         assert f"pattern_{name}" in rules, phrase
+
+
+def test_the_letters_looked_for_first_are_letters_of_each_word() -> None:
+    """A text holding a word holds its letters: the memchr test drops no word."""
+    for _, words, _ in spam.BAD_PATTERNS:
+        for word in words:
+            letters = spam._RARE_LETTERS[word]
+            assert len(set(letters)) == 2 and set(letters) <= set(word), word
+
+
+@pytest.mark.parametrize("filler", ["1" + "X" * 77 + "\r\n",
+                                    "Привет, как дела? Всё хорошо.\r\n",
+                                    "plain english words in a line\r\n"])
+@pytest.mark.parametrize("name", [name for name, _, _ in spam.BAD_PATTERNS])
+def test_a_spam_phrase_in_a_long_body_is_found_whatever_the_text_around_it(
+        name: str, filler: str) -> None:
+    body = filler * 100 + SPAM_PHRASES[name] + "\r\n" + filler * 100
+    raw = f"From: a@b.test\r\nSubject: hello\r\n\r\n{body}".encode()
+    assert f"pattern_{name}" in {r.name for r in _score(raw, None).rules}
+    plain = f"From: a@b.test\r\nSubject: hello\r\n\r\n{filler * 200}".encode()
+    assert not [r for r in _score(plain, None).rules if r.name.startswith("pattern_")]
