@@ -41,10 +41,11 @@ class InboundPublisher:
         self._waiting: deque[tuple[str, bytes, asyncio.Future[None]]] = deque()
         self._flushers: set[asyncio.Task[None]] = set()
 
-    async def publish(self, job: delivery_pb2.InboundJob) -> None:
-        """Returns once ``job`` is stored by JetStream; raises Unavailable otherwise."""
+    async def publish(self, queue_id: str, job: bytes) -> None:
+        """Returns once ``job`` (a serialized InboundJob) is stored by JetStream; raises
+        Unavailable otherwise."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((job.queue_id, job.SerializeToString(), done))
+        self._waiting.append((queue_id, job, done))
         if len(self._flushers) < self.in_flight:
             flusher = asyncio.create_task(self._flush(), name="inbound-publisher")
             self._flushers.add(flusher)

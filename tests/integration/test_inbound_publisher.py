@@ -27,10 +27,14 @@ def job(n: int, size: int = 100) -> delivery_pb2.InboundJob:
                                    rcpt_to=["a@example.test"])
 
 
+async def publish(publisher: InboundPublisher, job: delivery_pb2.InboundJob) -> None:
+    await publisher.publish(job.queue_id, job.SerializeToString())
+
+
 async def test_jobs_published_together_are_stored_in_fewer_messages_each_once(
         js: JetStreamContext) -> None:
     publisher = InboundPublisher(js, timeout=5.0)
-    await asyncio.gather(*(publisher.publish(job(n)) for n in range(50)))
+    await asyncio.gather(*(publish(publisher, job(n)) for n in range(50)))
     messages = await inbound_messages(js)
     queue_ids = [j.queue_id for jobs in messages for j in jobs]
     assert sorted(queue_ids) == [f"Q{n:04d}" for n in range(50)]
@@ -47,7 +51,7 @@ def test_batch_payload_is_the_inbound_batch_wire_form(sizes: list[int]) -> None:
 
 async def test_a_lone_job_is_stored_as_a_plain_inbound_job(js: JetStreamContext) -> None:
     publisher = InboundPublisher(js, timeout=5.0)
-    await publisher.publish(job(1))
+    await publish(publisher, job(1))
     info = await js.stream_info("INBOUND")
     msg = await js.get_msg("INBOUND", info.state.last_seq)
     assert not msg.headers or bus.INBOUND_BATCH_HEADER not in msg.headers
@@ -56,7 +60,7 @@ async def test_a_lone_job_is_stored_as_a_plain_inbound_job(js: JetStreamContext)
 
 async def test_batches_stay_under_the_byte_cap(js: JetStreamContext) -> None:
     publisher = InboundPublisher(js, timeout=5.0, max_batch_bytes=3000)
-    await asyncio.gather(*(publisher.publish(job(n, size=1000)) for n in range(10)))
+    await asyncio.gather(*(publish(publisher, job(n, size=1000)) for n in range(10)))
     messages = await inbound_messages(js)
     assert all(sum(j.ByteSize() for j in jobs) <= 3000 or len(jobs) == 1
                for jobs in messages)
@@ -68,6 +72,6 @@ async def test_every_waiting_job_fails_when_the_store_cannot_take_the_batch(
         js: JetStreamContext) -> None:
     publisher = InboundPublisher(js, timeout=5.0)
     await js.delete_stream("INBOUND")  # no stream: nothing can acknowledge the publish
-    outcomes = await asyncio.gather(*(publisher.publish(job(n)) for n in range(5)),
+    outcomes = await asyncio.gather(*(publish(publisher, job(n)) for n in range(5)),
                                     return_exceptions=True)
     assert all(isinstance(o, Unavailable) for o in outcomes)
