@@ -62,6 +62,11 @@ DRAIN_TIMEOUT = 300.0
 # Poll interval of the delivered count; polling only starts once smtp-source is done, so
 # it does not load the servers while they take mail.
 POLL = 0.02
+# The longest sleep between polls, which bounds how late a round's end is seen. The rate
+# seen so far is a poor guess of the time left when deliveries come in lumps (mailgrid
+# files a batch of a hundred messages or more at once, after a quiet 0.1-0.3 s): with a
+# one-second bound, a round could be timed up to a second after its last delivery.
+MAX_POLL = 0.1
 
 
 class RoundFailed(Exception):
@@ -261,8 +266,9 @@ def run_round(peer: str, size: int, sessions: int, messages: int, port: int,
 def _wait_for(target: int, delivered: Callable[[], int]) -> int:
     """Polls until ``target`` is reached. Each poll of mailgrid is an HTTP request the
     servers must answer (and that their CPU count includes), so polls are spaced by half
-    the time the remaining messages should take at the rate seen so far, down to POLL
-    near the end (the end time stays precise to about POLL)."""
+    the time the remaining messages should take at the rate seen so far, between POLL
+    and MAX_POLL (the end time is precise to MAX_POLL at worst, to about POLL near the
+    end)."""
     started = time.monotonic()
     deadline = started + DRAIN_TIMEOUT
     first = count = delivered()
@@ -274,8 +280,8 @@ def _wait_for(target: int, delivered: Callable[[], int]) -> int:
 
 def poll_delay(remaining: int, done: int, elapsed: float) -> float:
     if done <= 0 or elapsed <= 0:
-        return min(1.0, max(POLL, elapsed / 2))
-    return min(1.0, max(POLL, remaining / (done / elapsed) / 2))
+        return min(MAX_POLL, max(POLL, elapsed / 2))
+    return min(MAX_POLL, max(POLL, remaining / (done / elapsed) / 2))
 
 
 # mailgrid ------------------------------------------------------------------------------

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from bench import vs_postfix
 from bench.postfix import main_cf, master_cf
 from bench.procs import TreeMeter
 from bench.vs_postfix import (
+    MAX_POLL,
+    POLL,
     Round,
     command_name,
     format_table,
@@ -148,9 +151,37 @@ def test_process_names_of_the_suite_and_of_postfix_daemons() -> None:
 
 
 def test_delivery_polls_are_sparse_far_from_the_end_and_dense_near_it() -> None:
-    assert poll_delay(remaining=4000, done=1000, elapsed=10.0) == 1.0
-    assert poll_delay(remaining=2, done=1000, elapsed=10.0) == 0.02
-    assert 0.02 <= poll_delay(remaining=100, done=0, elapsed=0.0) <= 1.0
+    assert poll_delay(remaining=4000, done=1000, elapsed=10.0) == MAX_POLL
+    assert poll_delay(remaining=2, done=1000, elapsed=10.0) == POLL
+    assert POLL <= poll_delay(remaining=100, done=0, elapsed=0.0) <= MAX_POLL
+
+
+class Clock:
+    """A clock that only moves when slept on."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_round_is_timed_at_most_max_poll_after_its_last_delivery(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deliveries in lumps, as mailgrid files them: 10 of the last 200 in the first
+    0.1 s, the rest at once at 0.3 s. The rate seen at first (100/s) would have the poll
+    sleep most of a second."""
+    clock = Clock()
+    monkeypatch.setattr(vs_postfix, "time", clock)
+
+    def delivered() -> int:
+        return 4800 if clock.now < 0.05 else 4810 if clock.now < 0.3 else 5000
+
+    assert vs_postfix._wait_for(5000, delivered) == 5000
+    assert 0.3 <= clock.now <= 0.3 + MAX_POLL <= 0.4
 
 
 def test_markdown_of_a_report_shows_the_ratio_and_failed_rounds_verbatim() -> None:
