@@ -230,7 +230,7 @@ async def fetch_until(sub: JetStreamContext.PullSubscription, stop: asyncio.Even
         while not stop.is_set():
             try:
                 msgs = await sub.fetch(batch, timeout=timeout)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises its own subclass, or asyncio's own
                 continue
             except Exception as err:  # NATS reconnecting, or closed under us
                 if stop.is_set():
