@@ -12,29 +12,14 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any, cast
 
 import pytest
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway.smtp import MxSMTP
 from mailgrid.settings import Settings
+from tests.integration.test_smtp_data_reader import Recorder
 
 MESSAGE = (b"EHLO client.example\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.test>\r\n"
            b"DATA\r\n")
 BODY = b"Subject: hi\r\n\r\nhello\r\n.\r\n"
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.messages: list[bytes] = []
-
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, rcpt_options: list[str]) -> str:
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 Ok"
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        assert isinstance(envelope.original_content, bytes)
-        self.messages.append(envelope.original_content)
-        return "250 2.0.0 Ok: queued"
 
 
 @pytest.fixture
