@@ -33,16 +33,13 @@ def has_bare_cr_or_lf(data: bytes | bytearray | memoryview) -> bool:
     return bool(lf[0] or cr[-1]) or not np.array_equal(cr[:-1], lf[1:])
 
 
-def has_dot_after_lf(data: bytes | bytearray | memoryview) -> bool:
-    """True when a LF is followed by a dot: where a line may start with one (and DATA's
-    dot-stuffing, RFC 5321 4.5.2, has something to undo)."""
-    return first_dot_after_lf(data, 1) >= 0
-
-
 def first_dot_after_lf(data: bytes | bytearray | memoryview, start: int) -> int:
     """The offset of the first dot right after a LF at ``start`` (at least 1) or later,
-    or -1."""
+    or -1: where a line starts with a dot (and DATA's dot-stuffing, RFC 5321 4.5.2, may
+    have something to undo)."""
     octets = _octets(data)
     at = (octets[start - 1:-1] == LF) & (octets[start:] == DOT)
-    first = int(np.argmax(at)) if len(at) else 0
-    return start + first if len(at) and at[first] else -1
+    if not len(at):
+        return -1
+    first = int(np.argmax(at))
+    return start + first if at[first] else -1

@@ -42,7 +42,8 @@ _LETTER_ORDER = "etaoinshrdlcumwfgypbvkjxqz"
 
 def _rarest_letters(word: str) -> tuple[str, ...]:
     """The two letters of ``word`` least frequent in English, the rarest first."""
-    return tuple(sorted(set(word) & set(_LETTER_ORDER), key=_LETTER_ORDER.index)[:-3:-1])
+    letters = set(word) & set(_LETTER_ORDER)
+    return tuple(sorted(letters, key=_LETTER_ORDER.index, reverse=True)[:2])
 
 
 # A word cannot be in a text that lacks one of its letters, and a one-character search

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailgrid.crlf import has_bare_cr_or_lf, has_dot_after_lf
+from mailgrid.crlf import first_dot_after_lf, has_bare_cr_or_lf
 from tests.e2e.test_corpus import corpus_messages
 
 
@@ -22,6 +22,15 @@ def bare_by_counts(data: bytes) -> bool:
 
 def dot_after_lf_by_search(data: bytes) -> bool:
     return b"\n." in data
+
+
+def has_dot_after_lf(data: bytes | bytearray | memoryview) -> bool:
+    """The scan as un-stuffing asks it: is there a dot at a line start anywhere? And where
+    it says one is, the search finds the same first one."""
+    searched = bytes(data).find(b"\n.")
+    found = first_dot_after_lf(data, 1)
+    assert found == (searched + 1 if searched >= 0 else -1)
+    return found >= 0
 
 
 @pytest.mark.parametrize("data", [
