@@ -21,11 +21,13 @@ LIST_SCORE = 100.0
 
 # Phrases typical of bulk fraud; a match in the subject or the text adds PATTERN_SCORE
 # (once per phrase, at most PATTERN_CAP in all). Each comes with the words (lower case)
-# it cannot match without: its cheap prefilter.
+# every match of it starts with: its cheap prefilter, and where it is tried.
 BAD_PATTERNS: tuple[tuple[str, tuple[str, ...], re.Pattern[str]], ...] = tuple(
     (name, words, re.compile(rx, re.IGNORECASE)) for name, words, rx in (
+        # Lookbehinds keep the rare word first: "you" is in most mail.
         ("lottery", ("won",),
-         r"\byou(?:'ve| have)? won\b.{0,40}\b(?:lottery|prize|jackpot)\b"),
+         r"(?:(?<=\byou )|(?<=\byou've )|(?<=\byou have ))won\b.{0,40}"
+         r"\b(?:lottery|prize|jackpot)\b"),
         ("advance_fee", ("next of kin", "beneficiary"),
          r"\b(?:next of kin|beneficiary)\b.{0,80}\b(?:million|usd|\$)"),
         ("pharma", ("viagra", "cialis", "cheap meds"), r"\b(?:viagra|cialis|cheap meds)\b"),
@@ -156,15 +158,43 @@ def _pattern_rules(parsed: metadata_pb2.ParsedMessage) -> list[Rule]:
     # A pattern can only match where one of its words is: a substring test (C speed) on
     # the case-folded text spares the regex scan of nearly every message (~0.7 ms each).
     folded = text.casefold()
+    # casefold may lengthen a character ("ß" to "ss"); then its offsets are not text's.
+    aligned = len(folded) == len(text)
     rules: list[Rule] = []
     for name, words, pattern in BAD_PATTERNS:
         if sum(r.score for r in rules) >= PATTERN_CAP:
             break
-        if not any(all(c in folded for c in _RARE_LETTERS[word]) and word in folded
-                   for word in words):
+        present = [word for word in words
+                   if all(c in folded for c in _RARE_LETTERS[word]) and word in folded]
+        if not present:
             continue
-        found = pattern.search(text)
+        found = (_match_at_words(pattern, text, folded, present) if aligned
+                 else pattern.search(text))
         if found:
             rules.append(Rule(f"pattern_{name}", PATTERN_SCORE,
                               f"matches a known spam phrase: {found.group(0)[:60]!r}"))
     return rules
+
+
+def _match_at_words(pattern: re.Pattern[str], text: str, folded: str, words: list[str]
+                    ) -> re.Match[str] | None:
+    """``pattern.search(text)``, for a pattern whose every match starts with one of
+    ``words``: the pattern is tried only where they occur in ``folded`` (``text``
+    case-folded, offset for offset), the leftmost first.
+
+    A search tries the pattern at every offset of the text: some 0.3 ms for 20,000
+    characters of English, where a common word ("won" of "won't") passes the prefilter.
+    A match at an offset sees the text before it, so a leading word boundary holds as
+    it does for the search.
+    """
+    starts: list[int] = []
+    for word in words:
+        at = folded.find(word)
+        while at >= 0:
+            starts.append(at)
+            at = folded.find(word, at + 1)
+    for at in sorted(set(starts)):
+        found = pattern.match(text, at)
+        if found:
+            return found
+    return None

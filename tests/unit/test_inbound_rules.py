@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from delivery_svc.checks import InboundChecks, JobChecks, spam
 from delivery_svc.checks.auth import (
@@ -15,7 +17,7 @@ from delivery_svc.checks.auth import (
 from gateway.http_api import message_out
 from mailgrid.mime import parse_message
 from mailgrid.settings import Settings
-from mailgrid.v1 import common_pb2
+from mailgrid.v1 import common_pb2, metadata_pb2
 from tests.e2e.mail import smtp_wire_form
 from tests.e2e.test_corpus import corpus_messages
 
@@ -184,3 +186,51 @@ def test_a_spam_phrase_in_a_long_body_is_found_whatever_the_text_around_it(
     assert f"pattern_{name}" in {r.name for r in _score(raw, None).rules}
     plain = f"From: a@b.test\r\nSubject: hello\r\n\r\n{filler * 200}".encode()
     assert not [r for r in _score(plain, None).rules if r.name.startswith("pattern_")]
+
+
+def _searched_everywhere(parsed: metadata_pb2.ParsedMessage) -> list[spam.Rule]:
+    """The pattern rules as a plain search of the whole text finds them: no prefilter,
+    no anchoring at the words."""
+    text = f"{parsed.subject}\n{parsed.text[:20000]}"
+    rules: list[spam.Rule] = []
+    for name, _, pattern in spam.BAD_PATTERNS:
+        if sum(r.score for r in rules) >= spam.PATTERN_CAP:
+            break
+        if found := pattern.search(text):
+            rules.append(spam.Rule(f"pattern_{name}", spam.PATTERN_SCORE,
+                                   f"matches a known spam phrase: {found.group(0)[:60]!r}"))
+    return rules
+
+
+# Pieces that make and unmake the phrases: each phrase, its words in other cases and in
+# longer words ("won't", "swon"), near misses, characters that fold to a letter (the
+# Kelvin sign, the long s) or to two ("ß"), and filler of several kinds.
+_PIECES = [*SPAM_PHRASES.values(), "you", "You've", "YOU HAVE", " won", "won't", "swon",
+           "wonder", "Won", " the ", "lottery", "prize", "jackpot", "beneficiary", "next of",
+           " kin", "\u212aIN", "million", "$", "usd", "viagra", "CIALIS", "cheap", " meds",
+           "double your", "triple", " your ", "bitcoin", "crypto", "verify", "account",
+           "password", "locked", "suspend", "within 24 hours", "\u017f", "ß", "\n", " ", "_",
+           "1XXXXXXXXX\r\n", "Привет ", "plain words "]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=40),
+       st.lists(st.sampled_from(_PIECES), max_size=4))
+def test_the_pattern_rules_are_those_a_search_of_the_whole_text_finds(
+        pieces: list[str], subject: list[str]) -> None:
+    """Trying each pattern only where its words occur finds the same matches, with the
+    same text, as searching all of the message."""
+    parsed = metadata_pb2.ParsedMessage(subject="".join(subject), text="".join(pieces))
+    assert spam._pattern_rules(parsed) == _searched_everywhere(parsed)
+
+
+def test_a_common_word_of_a_phrase_in_long_english_text_is_tried_where_it_occurs() -> None:
+    """ "won" of "won't" in every line, and the lottery phrase near the end: found, with
+    the same text as a search of the whole body finds."""
+    line = "We won't make it on Tuesday, but the figures look reasonable to us.\n"
+    parsed = metadata_pb2.ParsedMessage(
+        subject="minutes", text=line * 250 + "Yes, you have won the grand prize!\n" + line)
+    rules = spam._pattern_rules(parsed)
+    assert [r.name for r in rules] == ["pattern_lottery"]
+    assert rules == _searched_everywhere(parsed)
+    assert "won the grand prize" in rules[0].detail
