@@ -232,7 +232,7 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
         _require(request.delivery_key, "delivery_key")
         # A message whose bytes are not stored would be unreadable: refuse it, unless
         # this is a repeat of a delivery stored before (its blobs may be gone since).
-        for key in (request.blob_key, *(a.blob_key for a in request.parsed.attachments)):
+        for key in _blob_keys(request):
             if not await self.blobs.exists(key):
                 seen = await self.store.delivered_email_id(request.user_id,
                                                            request.delivery_key)
@@ -265,13 +265,22 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
                 todo.append((len(outcomes), delivery))
                 outcomes.append(None)
         results = await self.store.store_deliveries([d for _, d in todo])
-        for (index, _), result in zip(todo, results, strict=True):
+        filed: set[str] = set()  # the carried blobs a filed copy refers to
+        for (index, delivery), result in zip(todo, results, strict=True):
             if isinstance(result, MailgridError):
                 outcomes[index] = _failed(result)
             else:
+                if result.created:
+                    filed.update(_blob_keys(delivery))
                 outcomes[index] = metadata_pb2.StoreDeliveryResult(
                     stored=metadata_pb2.StoreDeliveryResponse(email_id=result.email_id,
                                                               created=result.created))
+        # Bytes carried for copies that were all refused (a full mailbox, an unknown
+        # user) would stay on disk unreferenced: the collector takes them once the grace
+        # has passed and nothing refers to them (a retry puts and files them again; a
+        # repeated copy's bytes are its first filing's, which note_orphan leaves alone).
+        for key in stored_now - filed:
+            await self.store.note_orphan(key)
         log.info("stored a batch of %d deliveries (%d blobs)", len(outcomes), len(refs))
         return metadata_pb2.StoreDeliveriesResponse(
             results=[outcome for outcome in outcomes if outcome is not None])
@@ -289,13 +298,17 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
             ref = refs[batched.blob_index]
             delivery.blob_key = ref.key
             delivery.size = delivery.size or ref.size
-        for key in (delivery.blob_key, *(a.blob_key for a in delivery.parsed.attachments)):
+        for key in _blob_keys(delivery):
             if key not in stored_now and not await self.blobs.exists(key):
                 seen = await self.store.delivered_email_id(delivery.user_id,
                                                            delivery.delivery_key)
                 if seen is None:
                     raise InvalidArgument(f"blob {key!r} is not in the blob store")
         return delivery
+
+
+def _blob_keys(delivery: metadata_pb2.StoreDeliveryRequest) -> list[str]:
+    return [delivery.blob_key, *(a.blob_key for a in delivery.parsed.attachments)]
 
 
 def _failed(err: MailgridError) -> metadata_pb2.StoreDeliveryResult:

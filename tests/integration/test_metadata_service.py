@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
 from collections.abc import AsyncIterator
@@ -517,3 +518,33 @@ async def test_gc_spares_a_released_blob_that_was_put_again_within_the_grace(
         await gc_app.store.note_orphan(key, since=hour_ago)
         assert await gc_app.collect_garbage() == 1
         assert not await gc_app.blobs.exists(key)
+
+
+async def test_gc_takes_the_bytes_carried_only_for_refused_copies(gc_app: MetadataApp) -> None:
+    """A batch's bytes are written before its copies are filed; those no filed copy
+    refers to (their recipient was refused) are collected, the others stay."""
+    refused = b"Subject: gone\r\n\r\nfor a mailbox that no longer exists\r\n"
+    kept = b"Subject: hi\r\n\r\nfor alice, and for the same gone mailbox\r\n"
+
+    def copy(user_id: str, key: str, blob_index: int) -> metadata_pb2.BatchedDelivery:
+        request = metadata_pb2.StoreDeliveryRequest(user_id=user_id, delivery_key=key)
+        return metadata_pb2.BatchedDelivery(request=request, blob_index=blob_index)
+
+    async with MetadataClient(gc_app.grpc_addr) as client:
+        alice = await client.create_user("alice@example.test", "pw")
+        outcomes = await client.store_deliveries([refused, kept], [
+            copy("no-such-user", "q1:gone", 0),
+            copy(alice.user_id, "q2:alice", 1), copy("no-such-user", "q2:gone", 1)])
+        assert [type(o) for o in outcomes] == [
+            NotFound, metadata_pb2.StoreDeliveryResponse, NotFound]
+        await asyncio.sleep(0.01)  # let the clock pass the release time (grace is 0)
+        assert await gc_app.collect_garbage() == 1
+        assert not await gc_app.blobs.exists(hashlib.sha256(refused).hexdigest())
+        assert await gc_app.blobs.exists(hashlib.sha256(kept).hexdigest())
+        # The same batch again: the refused bytes are written and collected again, the
+        # repeated copy's bytes are its first filing's and stay.
+        await client.store_deliveries([refused, kept], [copy("no-such-user", "q1:gone", 0),
+                                                        copy(alice.user_id, "q2:alice", 1)])
+        await asyncio.sleep(0.01)
+        assert await gc_app.collect_garbage() == 1
+        assert await gc_app.blobs.exists(hashlib.sha256(kept).hexdigest())
