@@ -164,12 +164,12 @@ def _pattern_rules(parsed: metadata_pb2.ParsedMessage) -> list[Rule]:
     for name, words, pattern in BAD_PATTERNS:
         if sum(r.score for r in rules) >= PATTERN_CAP:
             break
-        present = [word for word in words
-                   if all(c in folded for c in _RARE_LETTERS[word]) and word in folded]
-        if not present:
-            continue
-        found = (_match_at_words(pattern, text, folded, present) if aligned
-                 else pattern.search(text))
+        # A word lacking one of its rarest letters cannot be there (a memchr each).
+        likely = [word for word in words if all(c in folded for c in _RARE_LETTERS[word])]
+        if aligned:  # the words' own search finds where to try the pattern
+            found = _match_at_words(pattern, text, folded, likely)
+        else:
+            found = pattern.search(text) if any(w in folded for w in likely) else None
         if found:
             rules.append(Rule(f"pattern_{name}", PATTERN_SCORE,
                               f"matches a known spam phrase: {found.group(0)[:60]!r}"))
