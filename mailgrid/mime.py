@@ -537,10 +537,24 @@ def simple_addresses(raw: str) -> list[tuple[str, str]] | None:
 
 def _lenient_addresses(raw: str) -> list[tuple[str, str]]:
     try:
-        pairs = email.utils.getaddresses([raw])
+        pairs = _getaddresses_leniently([raw])
     except Exception:
         return []
     return [(_decode_words(name), addr) for name, addr in pairs]
+
+
+def _getaddresses_leniently(values: list[str]) -> list[tuple[str, str]]:
+    """``email.utils.getaddresses`` as it was before the fix for CVE-2023-27043.
+
+    Releases with the fix, and distributions' older releases that backport it (Debian's
+    3.11.2), parse strictly by default and give ``[("", "")]`` for a whole list they
+    find malformed, a trailing comma included; the old reader stays behind
+    ``strict=False``. Releases without the fix have only the old reader.
+    """
+    try:
+        return email.utils.getaddresses(values, strict=False)  # type: ignore[call-arg,unused-ignore]
+    except TypeError:
+        return email.utils.getaddresses(values)
 
 
 def single_part(raw: bytes) -> Message | None:
