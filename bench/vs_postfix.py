@@ -345,7 +345,9 @@ def machine() -> dict[str, str]:
         commit += " + uncommitted changes"
     return {"nproc": str(os.cpu_count()), "cpu": model or platform.processor(),
             "memory": memory, "kernel": platform.release(),
-            "python": platform.python_version(), "postfix": postfix_version(),
+            # Which build, too: a PGO+LTO build and a plain one differ by some percent here.
+            "python": f"{platform.python_version()} ({os.path.realpath(sys.executable)})",
+            "postfix": postfix_version(),
             "mailgrid_commit": commit or "unknown"}
 
 
