@@ -97,8 +97,9 @@ class Settings(BaseSettings):
     # Longest, in seconds, a mailbox change waits to be indexed while the machine has
     # no CPU to spare (search_svc.pacing): mail is filed first, the index catches up
     # when there is room, and a search that must see a change has it indexed at once.
-    # 0: index at once. At most 30, well within the indexer's 60 s ack wait.
-    search_index_max_delay: float = Field(default=10.0, ge=0, le=30)
+    # 0: index at once. At most 30, well within the indexer's 60 s ack wait. 20 s lets
+    # a burst of that length be filed with both cores (docs/PERFORMANCE.md, item 31).
+    search_index_max_delay: float = Field(default=20.0, ge=0, le=30)
     # Freed C heap (glibc) a service keeps for reuse, in bytes; 0: glibc's defaults,
     # which return large buffers to the OS at once, so that the next message faults
     # its pages in again (mailgrid.memory).
