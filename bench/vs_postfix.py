@@ -359,7 +359,8 @@ def mailgrid_per_message_work(env: dict[str, str]) -> list[str]:
     work = ["SMTP edge (aiosmtpd) publishes the message on JetStream (stored and fsynced) "
             f"before 250: inside its INBOUND job up to {inline // 1024} KiB, jobs accepted "
             "together in one message; larger ones go to the blob store first",
-            "delivery_svc parses MIME (mailgrid.mime) and files the jobs it fetched with one "
+            f"delivery_svc (CPU niceness {settings.delivery_nice}) parses MIME "
+            "(mailgrid.mime) and files the jobs it fetched with one "
             "StoreDeliveries call: raw bytes into the blob store (one group sync), one copy "
             "per recipient into the SQLite metadata store with its event outbox, in one "
             "transaction",

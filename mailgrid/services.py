@@ -17,8 +17,8 @@ class ServiceSpec:
     app_class: str
     # Settings fields of the listeners it binds; the first is its gRPC address.
     listeners: tuple[str, ...]
-    # Settings field of the CPU niceness `mailgrid serve` runs it at (background work
-    # that yields to the mail flow when CPU is short); empty: the launcher's own.
+    # Settings field of the CPU niceness `mailgrid serve` runs it at (queued work that
+    # yields to the SMTP sessions when CPU is short); empty: the launcher's own.
     nice_setting: str = ""
 
     @property
@@ -28,7 +28,8 @@ class ServiceSpec:
 
 SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("metadata", "metadata_svc.app", "MetadataApp", ("metadata_addr",)),
-    ServiceSpec("delivery", "delivery_svc.app", "DeliveryApp", ("delivery_addr",)),
+    ServiceSpec("delivery", "delivery_svc.app", "DeliveryApp", ("delivery_addr",),
+                nice_setting="delivery_nice"),
     ServiceSpec("realtime", "realtime_svc.app", "RealtimeApp", ("realtime_addr",)),
     ServiceSpec("search", "search_svc.app", "SearchApp", ("search_addr",),
                 nice_setting="search_nice"),

@@ -94,6 +94,12 @@ class Settings(BaseSettings):
     # when CPU is short, accepting and filing mail come first and the index catches up
     # after the burst (a search that must see a message waits for it by event sequence).
     search_nice: int = Field(default=10, ge=0, le=19)
+    # CPU niceness (0-19) of `mailgrid serve delivery`: filing is a queue consumer, so
+    # when CPU is short the SMTP sessions waiting for their 250 come first, and filing
+    # takes what queued meanwhile in larger batches, which cost less per message
+    # (docs/PERFORMANCE.md, item 32). Sending (SubmitMessage) runs there too and waits
+    # as much, only while CPU is short.
+    delivery_nice: int = Field(default=5, ge=0, le=19)
     # Longest, in seconds, a mailbox change waits to be indexed while the machine has
     # no CPU to spare (search_svc.pacing): mail is filed first, the index catches up
     # when there is room, and a search that must see a change has it indexed at once.

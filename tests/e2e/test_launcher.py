@@ -91,14 +91,17 @@ def test_user_add_while_running_goes_through_metadata_svc(shared_suite: Suite) -
     assert token(shared_suite, "alice@example.test", "s3cret-pw").status_code == 200
 
 
-def test_search_indexes_at_a_lower_cpu_priority_than_the_mail_flow(
+def test_filing_and_indexing_run_at_lower_cpu_priorities_than_the_smtp_sessions(
         shared_suite: Suite) -> None:
-    # Indexing yields to accepting and filing mail when CPU is short (search_nice).
+    # When CPU is short, filing yields to accepting mail (delivery_nice) and indexing
+    # to both (search_nice).
     niceness = {name: os.getpriority(os.PRIO_PROCESS, shared_suite.endpoints().services[name].pid)
                 for name in SERVICES}
     base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert niceness["delivery"] == min(base + 5, 19)
     assert niceness["search"] == min(base + 10, 19)
-    assert all(niceness[name] == base for name in SERVICES if name != "search")
+    assert all(niceness[name] == base for name in SERVICES
+               if name not in ("delivery", "search"))
 
 
 def test_the_embedded_nats_server_runs_under_the_memory_limit(shared_suite: Suite) -> None:
