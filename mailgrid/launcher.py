@@ -169,14 +169,24 @@ def pid_alive(pid: int) -> bool:
 
 # Child processes -----------------------------------------------------------------------
 
-def free_addr(addr: str) -> str:
+def free_addr(addr: str, taken: set[int] | None = None) -> str:
     """``addr`` itself, or with port 0 replaced by a free port, chosen once so that a
-    restarted child listens where the others already look for it."""
+    restarted child listens where the others already look for it.
+
+    A free port is only free now: ``taken`` holds the ports other listeners are set to
+    but have not bound yet (the gateway binds last), which it must not be; the chosen
+    one is added to it.
+    """
     host, port = split_host_port(addr)
     if port:
         return addr
+    chosen = free_port(host)
+    while taken is not None and chosen in taken:
+        chosen = free_port(host)
+    if taken is not None:
+        taken.add(chosen)
     bracketed = f"[{host}]" if ":" in host else host
-    return f"{bracketed}:{free_port(host)}"
+    return f"{bracketed}:{chosen}"
 
 
 def child_env(settings: Settings) -> dict[str, str]:
@@ -346,8 +356,10 @@ class Launcher:
 
     def _resolve_settings(self, nats_url: str, secret: str) -> None:
         s = self.settings
-        listeners = {name: free_addr(getattr(s, name))
-                     for spec in services.SERVICES for name in spec.listeners}
+        addrs = {name: getattr(s, name)
+                 for spec in services.SERVICES for name in spec.listeners}
+        taken = {split_host_port(addr)[1] for addr in addrs.values()} - {0}
+        listeners = {name: free_addr(addr, taken) for name, addr in addrs.items()}
         self.settings = s.model_copy(update={
             "nats_url": nats_url, "token_secret": secret, **listeners})
         for child in self.children:

@@ -219,6 +219,18 @@ def test_port_zero_becomes_a_fixed_port_and_others_stay() -> None:
     assert host == "127.0.0.1" and int(port) > 0
 
 
+def test_a_chosen_port_is_none_another_listener_is_set_to(monkeypatch: pytest.MonkeyPatch,
+                                                          ) -> None:
+    # The kernel may hand out a port again once its probe socket is closed: one a
+    # listener that binds later (the gateway's SMTP port, say) is configured for.
+    offered = iter([2525, 2525, 40001, 40001, 40002])
+    monkeypatch.setattr("mailgrid.launcher.free_port", lambda host: next(offered))
+    taken = {2525}
+    assert free_addr("127.0.0.1:0", taken) == "127.0.0.1:40001"
+    assert free_addr("127.0.0.1:0", taken) == "127.0.0.1:40002"
+    assert taken == {2525, 40001, 40002}
+
+
 def test_children_get_every_setting_in_a_form_settings_reads_back(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, domains=["example.test", "example.org"],
                         token_secret="s" * 40, max_recipients=7)
